@@ -1,0 +1,249 @@
+"""The tiny world: a seeded generator of math problems where exact computation decides the answer.
+
+Why it exists: this machine has no model hub and two CPU cores, yet the README's main command must run
+the whole THOR pipeline (pretrain -> TIRGen -> SFT -> RL -> eval) and show real learning. A model of
+about a million parameters learns the *format* of these solutions quickly but cannot multiply
+multi-digit numbers, exactly like a base LLM that "knows what to do" but slips on arithmetic. A python
+cell fixes the arithmetic, so tools matter here for the same reason they matter in THOR.
+
+Each problem has an integer answer and a plain chain-of-thought reference made of *statements*, one per
+line, each `EXPRESSION = VALUE.`, ending with `The answer is \\boxed{N}.` The expression notation is a
+small language (products, differences, exact quotients, `b^e mod m`, `gcd(a, b)`, `lcm(a, b)`,
+`1^2 + 2^2 + ... + n^2`, `a + (a+1) + ... + b` written `a + ... + b`) that `statement_code` translates to a
+python cell; TIRGen's rule-based critic uses that translation.
+
+Splits are deterministic and disjoint by construction: a problem belongs to the test split iff a stable
+hash of its question text falls in the test bucket, and the train generator rejects such problems.
+Held-out templates (`HELDOUT_TEMPLATES`) chain the same operations under wordings never used in
+training, to measure generalisation.
+
+Limits: integer answers only; the wording is templated (a language model can overfit the phrasing,
+which is exactly what the held-out templates measure).
+"""
+
+import hashlib
+import math
+import random
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+from thor_min.data import Problem
+
+TEST_BUCKETS = 10          # 1 in TEST_BUCKETS question hashes belongs to the test split
+DEFAULT_SEED = 1234
+DEFAULT_TEST_SIZE = 200
+DEFAULT_HELDOUT_SIZE = 120
+
+
+@dataclass(frozen=True)
+class Statement:
+    """One computation in a reference solution: `expression = value`."""
+
+    expression: str   # in the world's notation, e.g. "7^222 mod 1000"
+    value: int
+
+
+@dataclass(frozen=True)
+class Template:
+    """A problem family: `generate(rng)` returns (question, statements); the answer is the last value."""
+
+    name: str
+    generate: Callable[[random.Random], tuple[str, list[Statement]]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Train templates
+
+
+def _product(rng: random.Random) -> tuple[str, list[Statement]]:
+    a, b = rng.randint(100, 9999), rng.randint(10, 999)
+    return f"What is {a} * {b}?", [Statement(f"{a} * {b}", a * b)]
+
+
+def _modpow(rng: random.Random) -> tuple[str, list[Statement]]:
+    base, exponent, modulus = rng.randint(2, 20), rng.randint(10, 300), rng.choice([100, 1000])
+    question = f"What is the remainder when {base}^{exponent} is divided by {modulus}?"
+    return question, [Statement(f"{base}^{exponent} mod {modulus}", pow(base, exponent, modulus))]
+
+
+def _sum_squares(rng: random.Random) -> tuple[str, list[Statement]]:
+    n = rng.randint(10, 999)
+    total = n * (n + 1) * (2 * n + 1) // 6
+    question = f"What is the sum of the squares of the integers from 1 to {n}?"
+    return question, [Statement(f"1^2 + 2^2 + ... + {n}^2", total)]
+
+
+def _sum_range(rng: random.Random) -> tuple[str, list[Statement]]:
+    low = rng.randint(10, 500)
+    high = low + rng.randint(20, 900)
+    question = f"What is the sum of all integers from {low} to {high}?"
+    return question, [Statement(f"{low} + ... + {high}", sum(range(low, high + 1)))]
+
+
+def _linear(rng: random.Random) -> tuple[str, list[Statement]]:
+    a, x, b = rng.randint(2, 99), rng.randint(10, 999), rng.randint(10, 999)
+    c = a * x + b
+    question = f"Solve for x: {a}x + {b} = {c}."
+    return question, [Statement(f"{c} - {b}", c - b), Statement(f"{c - b} / {a}", x)]
+
+
+def _gcd(rng: random.Random) -> tuple[str, list[Statement]]:
+    g, p, r = rng.randint(2, 99), rng.randint(2, 99), rng.randint(2, 99)
+    a, b = g * p, g * r
+    return f"What is the greatest common divisor of {a} and {b}?", [Statement(f"gcd({a}, {b})", math.gcd(a, b))]
+
+
+def _lcm(rng: random.Random) -> tuple[str, list[Statement]]:
+    a, b = rng.randint(12, 999), rng.randint(12, 999)
+    return f"What is the least common multiple of {a} and {b}?", [Statement(f"lcm({a}, {b})", math.lcm(a, b))]
+
+
+def _boxes(rng: random.Random) -> tuple[str, list[Statement]]:
+    boxes, per = rng.randint(12, 99), rng.randint(12, 99)
+    total = boxes * per
+    sold = rng.randint(10, total - 1)
+    question = (f"A shop has {boxes} boxes with {per} pens in each box. "
+                f"It sells {sold} pens. How many pens are left?")
+    return question, [Statement(f"{boxes} * {per}", total), Statement(f"{total} - {sold}", total - sold)]
+
+
+def _teams(rng: random.Random) -> tuple[str, list[Statement]]:
+    team, teams, extra = rng.randint(3, 12), rng.randint(20, 300), rng.randint(10, 500)
+    members = team * teams + extra
+    question = (f"A club has {members} members. {extra} of them are coaches and the rest are players. "
+                f"The players form teams of {team}. How many teams are there?")
+    return question, [Statement(f"{members} - {extra}", team * teams), Statement(f"{team * teams} / {team}", teams)]
+
+
+TEMPLATES: tuple[Template, ...] = (
+    Template("product", _product),
+    Template("modpow", _modpow),
+    Template("sum-squares", _sum_squares),
+    Template("sum-range", _sum_range),
+    Template("linear", _linear),
+    Template("gcd", _gcd),
+    Template("lcm", _lcm),
+    Template("boxes", _boxes),
+    Template("teams", _teams),
+)
+
+# ----------------------------------------------------------------------------------------------
+# Held-out templates: known operations, wordings never seen in training
+
+
+def _orchard(rng: random.Random) -> tuple[str, list[Statement]]:
+    rows, per, extra = rng.randint(12, 99), rng.randint(12, 99), rng.randint(10, 999)
+    question = (f"An orchard has {rows} rows of {per} trees and {extra} more trees by the gate. "
+                f"How many trees are there in total?")
+    return question, [Statement(f"{rows} * {per}", rows * per), Statement(f"{rows * per} + {extra}", rows * per + extra)]
+
+
+def _triple_product(rng: random.Random) -> tuple[str, list[Statement]]:
+    a, b, c = rng.randint(10, 99), rng.randint(10, 99), rng.randint(10, 99)
+    return f"Compute {a} * {b} * {c}.", [Statement(f"{a} * {b}", a * b), Statement(f"{a * b} * {c}", a * b * c)]
+
+
+def _power_remainder(rng: random.Random) -> tuple[str, list[Statement]]:
+    base, exponent, modulus = rng.randint(21, 99), rng.randint(10, 300), rng.choice([100, 1000])
+    question = f"Find the last digits: {base}^{exponent} mod {modulus}."
+    return question, [Statement(f"{base}^{exponent} mod {modulus}", pow(base, exponent, modulus))]
+
+
+HELDOUT_TEMPLATES: tuple[Template, ...] = (
+    Template("orchard", _orchard),
+    Template("triple-product", _triple_product),
+    Template("power-remainder", _power_remainder),
+)
+
+# ----------------------------------------------------------------------------------------------
+# Reference solutions and the notation -> python translation
+
+
+def reference_solution(statements: list[Statement]) -> str:
+    """The plain chain-of-thought: one `expression = value.` line per statement, then the boxed answer."""
+    lines = [f"{s.expression} = {s.value}." for s in statements]
+    lines.append(f"The answer is \\boxed{{{statements[-1].value}}}.")
+    return "\n".join(lines)
+
+
+_INT = r"(-?\d+)"
+_NOTATION: tuple[tuple[re.Pattern, Callable[..., str]], ...] = (
+    (re.compile(rf"^{_INT}\^{_INT} mod {_INT}$"), lambda b, e, m: f"print(pow({b}, {e}, {m}))"),
+    (re.compile(rf"^1\^2 \+ 2\^2 \+ \.\.\. \+ {_INT}\^2$"),
+     lambda n: f"print(sum(k**2 for k in range(1, {n} + 1)))"),
+    (re.compile(rf"^{_INT} \+ \.\.\. \+ {_INT}$"), lambda a, b: f"print(sum(range({a}, {b} + 1)))"),
+    (re.compile(rf"^gcd\({_INT}, {_INT}\)$"), lambda a, b: f"import math\nprint(math.gcd({a}, {b}))"),
+    (re.compile(rf"^lcm\({_INT}, {_INT}\)$"), lambda a, b: f"import math\nprint(math.lcm({a}, {b}))"),
+    (re.compile(rf"^{_INT} / {_INT}$"), lambda a, b: f"print({a} // {b})"),
+    (re.compile(rf"^{_INT} ([*+-]) {_INT}$"), lambda a, op, b: f"print({a} {op} {b})"),
+)
+
+STATEMENT_RE = re.compile(r"^(?P<expression>[^=\n]+?) = (?P<value>-?\d+)\.$")
+
+
+def statement_code(expression: str) -> str | None:
+    """Translate one expression of the world's notation into a python cell, or None if it is not one."""
+    expression = expression.strip()
+    for pattern, render in _NOTATION:
+        match = pattern.match(expression)
+        if match:
+            return render(*match.groups())
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Splits
+
+
+def _is_test(question: str) -> bool:
+    digest = hashlib.sha256(question.encode()).digest()
+    return digest[0] % TEST_BUCKETS == 0
+
+
+def _make(template: Template, rng: random.Random, problem_id: str) -> Problem:
+    question, statements = template.generate(rng)
+    return Problem(id=problem_id, question=question, answer=str(statements[-1].value),
+                   reference=reference_solution(statements), kind=template.name)
+
+
+def generate_problems(split: str, n: int, seed: int = DEFAULT_SEED) -> list[Problem]:
+    """`n` problems of `split` ("train", "test" or "heldout"), cycling through the templates.
+
+    Deterministic in (split, n, seed); train and test never share a question (hash buckets), and
+    held-out problems come from templates that never appear in train or test. Evaluation splits hold
+    distinct questions; the train split may repeat one (it is a sample stream, as large as asked).
+    """
+    if split not in ("train", "test", "heldout"):
+        raise ValueError(f"unknown tiny-world split {split!r}: use train, test or heldout")
+    templates = HELDOUT_TEMPLATES if split == "heldout" else TEMPLATES
+    rng = random.Random(f"{seed}-{split}")
+    problems: list[Problem] = []
+    seen: set[str] = set()
+    for _attempt in range(1000 * n + 1000):
+        if len(problems) == n:
+            return problems
+        template = templates[len(problems) % len(templates)]
+        problem = _make(template, rng, f"tiny-{split}-{len(problems):05d}")
+        if split != "heldout" and _is_test(problem.question) != (split == "test"):
+            continue
+        if split != "train" and problem.question in seen:
+            continue
+        seen.add(problem.question)
+        problems.append(problem)
+    raise ValueError(f"could not draw {n} distinct {split} problems: the templates' number ranges are too small")
+
+
+def train_split(n: int, seed: int = DEFAULT_SEED) -> list[Problem]:
+    """Training problems (pretraining corpus, TIRGen prompts, RL prompts)."""
+    return generate_problems("train", n, seed)
+
+
+def test_split(n: int = DEFAULT_TEST_SIZE, seed: int = DEFAULT_SEED) -> list[Problem]:
+    """Held-out problems from the training templates (the evaluation set)."""
+    return generate_problems("test", n, seed)
+
+
+def heldout_split(n: int = DEFAULT_HELDOUT_SIZE, seed: int = DEFAULT_SEED) -> list[Problem]:
+    """Problems from templates never seen in training (generalisation)."""
+    return generate_problems("heldout", n, seed)
