@@ -8,7 +8,7 @@ import zlib
 import numpy as np
 import pytest
 
-from thor_min import plot
+from thor_min import plot, png
 from thor_min.plot import (
     COLOR_CYCLE, Panel, PlotArea, draw_line, draw_series, format_tick, new_canvas,
     nice_ticks, read_png, read_png_size, save_bar_chart, save_line_panels, write_png,
@@ -114,7 +114,7 @@ def test_failed_write_keeps_the_old_file_and_no_temp_file(tmp_path, monkeypatch)
     def broken_replace(source, target):
         raise OSError("disk full")
 
-    monkeypatch.setattr(plot.os, "replace", broken_replace)
+    monkeypatch.setattr(png.os, "replace", broken_replace)
     with pytest.raises(OSError):
         write_png(path, new_canvas(9, 9))
     assert path.read_bytes() == before, "a failed write must not touch the existing file"

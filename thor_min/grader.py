@@ -4,42 +4,33 @@
 normalises both sides (`\\dfrac`, `\\left`, spacing, `$`, `\\text{}` wrappers, units, degree
 signs, thousands commas) and compares them in two tiers:
 
-1. In-process fast path for the common cases: identical normalised strings, plain numbers
-   compared exactly (decimals to a relative 1e-6, percentages as X or X/100), multiple-choice
-   letters, `x = 5` against `5`, and case-insensitive words. Integer answers (the tiny world)
-   never leave the process.
-2. Everything else goes to math-verify (sympy) in a persistent worker process: a fresh
-   interpreter started with `subprocess` (no fork, so no torch threads are copied and no
-   `__main__` is re-imported). Each call is bounded: the parent waits at most `timeout`
-   seconds for the verdict, otherwise it kills the worker (a hang counts as False) and starts a
-   new one on the next call. A process kill is the only bound that works off the main thread
-   and stops CPU-bound C code; math-verify's own `signal.alarm` timeouts do neither.
+1. In-process fast path for the common cases (this file): identical normalised strings, plain
+   numbers compared exactly (decimals to a relative 1e-6, percentages as X or X/100),
+   multiple-choice letters, `x = 5` against `5`, and case-insensitive words. Integer answers (the
+   tiny world) never leave the process.
+2. Everything else goes to math-verify (sympy) in a persistent worker process, each call bounded
+   by `timeout` seconds (a hang counts as False and the worker is replaced on the next call). The
+   worker, its line protocol and why a process kill is the bound: `thor_min/grader_worker.py`.
 
-`grade` never raises. The worker dies with its parent (Linux `PR_SET_PDEATHSIG`, a parent-pid
-check, EOF on its stdin) and is closed at exit. It is also limited to `WORKER_MEMORY_BYTES`.
+Design choice: `grade` never raises, and a `Grader` owns at most one worker, started lazily, so
+integer-only grading costs no process at all; if math-verify cannot start, grading carries on with
+the fast path alone. The worker is limited to `WORKER_MEMORY_BYTES` and closed at exit.
 
 Limits: a multiple-choice gold matches only the letter, not the value of that choice; unit
 stripping is heuristic (`\\text{...}` words after a value, or plain words after a number);
 answers longer than `MAX_ANSWER_CHARS` are rejected; math-verify's own quirks remain on the
-slow path (e.g. it rounds floats to 6 decimal places). With PDEATHSIG the worker also dies when
-the *thread* that started it exits; the next call then starts a new one.
+slow path (e.g. it rounds floats to 6 decimal places).
 """
 
 import functools
-import json
 import logging
-import os
 import re
-import select
-import subprocess
-import sys
 import threading
-import time
-import weakref
 from dataclasses import dataclass
 from fractions import Fraction
-from pathlib import Path
 from typing import Sequence
+
+from thor_min.grader_worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -239,119 +230,6 @@ def fast_match(answer: str, gold: str) -> bool | None:
     return None
 
 
-# ----------------------------------------------------------------------------- worker process
-
-def _worker_verify(answer: str, golds: list[str], gold_cache: dict) -> bool:
-    """Inside the worker: math-verify with its signal timeouts off (the parent bounds us)."""
-    from math_verify import parse, verify
-    predicted = parse(f"\\boxed{{{answer}}}", parsing_timeout=None)
-    if not predicted:
-        return False
-    for gold in golds:
-        if gold not in gold_cache:
-            if len(gold_cache) > 4096:
-                gold_cache.clear()
-            gold_cache[gold] = parse(f"\\boxed{{{gold}}}", parsing_timeout=None)
-        if gold_cache[gold] and verify(gold_cache[gold], predicted, timeout_seconds=None):
-            return True
-    return False
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    try:  # Linux: SIGKILL us when the parent (thread) dies
-        import ctypes
-        import signal
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
-    except Exception:
-        pass
-    if os.getppid() != parent_pid:
-        os._exit(0)
-
-
-def _worker_main() -> None:
-    """Entry point of the worker process: one JSON request per stdin line, '1'/'0' per reply."""
-    parent_pid, memory_bytes = int(sys.argv[1]), int(sys.argv[2])
-    _die_with_parent(parent_pid)
-    try:
-        import resource
-        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
-    except (ImportError, ValueError, OSError):
-        pass
-    logging.disable(logging.CRITICAL)  # math-verify warns on every disabled timeout / bad parse
-    gold_cache: dict = {}
-    _worker_verify("1", ["1"], gold_cache)  # warm up imports and caches before saying ready
-    out = sys.stdout.buffer
-    sys.stdout = sys.stderr  # stray prints from sympy must not corrupt the reply stream
-    out.write(b"ready\n")
-    out.flush()
-    for line in sys.stdin.buffer:
-        try:
-            request = json.loads(line)
-            verdict = _worker_verify(request["answer"], request["golds"], gold_cache)
-        except BaseException:  # MemoryError, RecursionError, sympy errors: all mean "not equal"
-            verdict = False
-        out.write(b"1\n" if verdict else b"0\n")
-        out.flush()
-
-
-def _kill(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.kill()
-    process.wait()
-    for stream in (process.stdin, process.stdout):
-        stream.close()
-
-
-class _Worker:
-    """One math-verify process and the line protocol to it; every read has a deadline."""
-
-    def __init__(self, memory_bytes: int, startup_timeout: float):
-        package_root = str(Path(__file__).resolve().parent.parent)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p))
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", "from thor_min.grader import _worker_main; _worker_main()",
-             str(os.getpid()), str(memory_bytes)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, start_new_session=True)
-        self._finalizer = weakref.finalize(self, _kill, self.process)
-        self._buffer = b""
-        if self._read_line(startup_timeout) != b"ready":
-            self.close()
-            raise RuntimeError("the math-verify grader worker did not start")
-
-    def _read_line(self, timeout: float) -> bytes | None:
-        """One reply line, or None on timeout or EOF."""
-        deadline = time.monotonic() + timeout
-        fd = self.process.stdout.fileno()
-        while b"\n" not in self._buffer:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
-                return None
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                return None
-            self._buffer += chunk
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        return line.strip()
-
-    def verify(self, answer: str, golds: list[str], timeout: float) -> bool | None:
-        """The worker's verdict, or None if it hung/crashed (the worker is then unusable)."""
-        request = json.dumps({"answer": answer, "golds": golds}).encode() + b"\n"
-        try:
-            self.process.stdin.write(request)
-            self.process.stdin.flush()
-        except (BrokenPipeError, OSError):
-            return None
-        reply = self._read_line(timeout)
-        return None if reply is None else reply == b"1"
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def close(self) -> None:
-        self._finalizer()
-
-
 # ----------------------------------------------------------------------------- public API
 
 def _golds_list(gold: Gold) -> list[str]:
@@ -369,7 +247,7 @@ class Grader:
         self.memory_bytes = memory_bytes
         self.startup_timeout = startup_timeout
         self.worker_restarts = 0  # how many times a hung or crashed worker was killed
-        self._worker: _Worker | None = None
+        self._worker: Worker | None = None
         self._lock = threading.Lock()
 
     @property
@@ -427,7 +305,7 @@ class Grader:
         with self._lock:
             if self._worker is None or not self._worker.alive():
                 try:
-                    self._worker = _Worker(self.memory_bytes, self.startup_timeout)
+                    self._worker = Worker(self.memory_bytes, self.startup_timeout)
                 except Exception:  # e.g. math-verify missing: keep grading with the fast path
                     log.warning("math-verify worker failed to start; fast path only", exc_info=True)
                     self.use_math_verify = False

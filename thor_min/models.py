@@ -73,11 +73,12 @@ def pick_dtype(device: torch.device, dtype: str = "auto") -> torch.dtype:
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
     """Can we open a TCP connection to the hub endpoint? (Saves 30 s of retries when offline.)"""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"):
         return False
     endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
     try:
-        with socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout):
+        with socket.create_connection((endpoint.hostname, port), timeout=timeout):
             return True
     except OSError:
         return False
@@ -126,22 +127,24 @@ def load_model(name: str, *, device: str = "auto", dtype: str = "auto", load_in_
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(torch_device, dtype)
     location, local_only = _locate(name)
-    kwargs = {"dtype": torch_dtype, "local_files_only": local_only}
     if load_in_4bit:
-        from thor_min.lora import bnb_4bit_available, bnb_4bit_config
+        from thor_min.lora import bnb_4bit_available
 
-        available, reason = bnb_4bit_available()
+        available, reason = bnb_4bit_available(torch_device.type)
         if not available:
-            raise ModelLoadError(f"--load-in-4bit needs bitsandbytes ({reason}); "
-                                 f"install it with pip install 'thor-min[4bit]' or drop the flag")
-        compute = torch.float32 if torch_dtype == torch.float32 else torch.bfloat16
-        kwargs.update(quantization_config=bnb_4bit_config(compute), device_map={"": str(torch_device)})
+            raise ModelLoadError(f"--load-in-4bit needs a working bitsandbytes ({reason}); "
+                                 f"pip install 'thor-min[4bit]' or drop the flag")
+        torch_dtype = torch.float32 if torch_dtype == torch.float32 else torch.bfloat16   # the compute dtype
     try:
-        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, local_files_only=local_only,
+                                                     attn_implementation="sdpa")
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"cannot load model {name!r}: {str(error).splitlines()[0]}") from None
-    if not load_in_4bit:
-        model.to(torch_device)
+    if load_in_4bit:   # NF4 + double quant, quantised as each linear moves to the device (QLoRA base)
+        from thor_min.lora import bnb_4bit_config, quantize_4bit
+
+        quantize_4bit(model, bnb_4bit_config(torch_dtype), device=torch_device)
+    model.to(torch_device)
     if gradient_checkpointing:
         from thor_min.lora import enable_gradient_checkpointing
 

@@ -1,9 +1,9 @@
 """Hand-written PNG plots: training-curve panels and an evaluation bar chart.
 
 What it does: draws line-chart panels (one metric per panel, one or more named series each) and a
-bar chart with interval whiskers into a numpy RGB raster, encodes the raster as a PNG by hand
-(signature, IHDR, IDAT, IEND, each chunk with its CRC) and writes the file atomically, so a viewer
-watching a run directory never sees half a file.
+bar chart with interval whiskers into a numpy RGB raster, then hands it to `thor_min.png`, which
+encodes the PNG by hand and writes it atomically (its names are re-exported here, so
+`from thor_min.plot import read_png` keeps working). Text uses the bitmap font of `thor_min.plot_font`.
 
 Design choice: thor-min deliberately has no plotting dependency (no matplotlib, no PIL). Training
 boxes are often headless and minimal; a few hundred lines of numpy + zlib give plots that open in
@@ -11,24 +11,19 @@ any image viewer, are byte-for-byte deterministic, and cannot break on a library
 this file is also a compact lesson in what a plotting library does underneath.
 
 Limits: no anti-aliasing (lines are sampled pixel by pixel, 1-2 px wide); one built-in bitmap font
-(`thor_min.plot_font`, printable ASCII; other characters draw as a box) at integer scales; linear
-axes only; each panel's legend is a strip above its plot, never a box on top of the data; and
-`read_png` decodes only the 8-bit RGB, filter-type-0 files this module writes.
+(printable ASCII; other characters draw as a box) at integer scales; linear axes only; each
+panel's legend is a strip above its plot, never a box on top of the data. PNG limits: `thor_min.png`.
 """
 
 import math
-import os
-import struct
-import tempfile
-import zlib
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from thor_min.plot_font import (
     CAP_HEIGHT, GLYPH_HEIGHT, TEXT_SCALE, draw_text, draw_vertical_text, fit_text, stamp_mask, text_width,
 )
+from thor_min.png import PNG_SIGNATURE, encode_png, png_chunk, read_png, read_png_size, write_png  # noqa: F401
 
 WHITE = (255, 255, 255)
 MUTED = (140, 140, 140)        # "no data" notes
@@ -45,7 +40,6 @@ TICK_LENGTH = 5
 PADDING = 14                   # blank border inside each panel
 PANEL_WIDTH, PANEL_HEIGHT = 540, 400
 MARKER_LIMIT = 30              # series with at most this many points also get a dot per point
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @dataclass
@@ -406,71 +400,3 @@ def draw_bar(image, area: PlotArea, center: int, half_width: int, value, low, hi
     text_top = float(area.y_px(max(v for v in (value, high, 0.0) if math.isfinite(v))))
     text = f"{value:.3g}" if math.isfinite(value) else "n/a"
     draw_text(image, center, max(text_top, area.top) - 8 - CAP_HEIGHT * TEXT_SCALE, text, align="center")
-
-
-# ----------------------------------------------------------------------------- PNG files
-
-def png_chunk(kind: bytes, body: bytes) -> bytes:
-    """length + type + body + CRC-32 of (type + body), as the PNG spec lays a chunk out."""
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    """PNG bytes of an (height, width, 3) uint8 image: 8-bit RGB, every scanline filter type 0."""
-    height, width = image.shape[:2]
-    scanlines = np.zeros((height, 1 + width * 3), np.uint8)     # first byte of each line: filter 0
-    scanlines[:, 1:] = np.ascontiguousarray(image, np.uint8).reshape(height, width * 3)
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # depth 8, RGB, deflate, no interlace
-    return (PNG_SIGNATURE + png_chunk(b"IHDR", header)
-            + png_chunk(b"IDAT", zlib.compress(scanlines.tobytes(), 6)) + png_chunk(b"IEND", b""))
-
-
-def write_png(path, image: np.ndarray) -> None:
-    """Write the image as a PNG via a temporary file in the same folder and os.replace, so the
-    path holds either the old file or the complete new one, never a partial write."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = encode_png(image)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def read_png_size(path) -> tuple[int, int]:
-    """(width, height) from the IHDR chunk of a PNG file."""
-    with open(path, "rb") as file:
-        head = file.read(24)
-    if head[:8] != PNG_SIGNATURE or head[12:16] != b"IHDR":
-        raise ValueError(f"{path} is not a PNG file")
-    return struct.unpack(">II", head[16:24])
-
-
-def read_png(path) -> np.ndarray:
-    """Decode a PNG written by this module into a (height, width, 3) uint8 array, checking every
-    chunk's CRC. Only 8-bit RGB, non-interlaced, filter-type-0 images are supported."""
-    data = Path(path).read_bytes()
-    if data[:8] != PNG_SIGNATURE:
-        raise ValueError(f"{path} is not a PNG file")
-    chunks, position = [], 8
-    while position < len(data):
-        (length,) = struct.unpack(">I", data[position:position + 4])
-        kind, body = data[position + 4:position + 8], data[position + 8:position + 8 + length]
-        (crc,) = struct.unpack(">I", data[position + 8 + length:position + 12 + length])
-        if zlib.crc32(kind + body) != crc:
-            raise ValueError(f"{path}: CRC mismatch in {kind!r} chunk")
-        chunks.append((kind, body))
-        position += 12 + length
-    width, height, depth, color_type, _, _, interlace = struct.unpack(">IIBBBBB", chunks[0][1])
-    if chunks[0][0] != b"IHDR" or (depth, color_type, interlace) != (8, 2, 0):
-        raise ValueError(f"{path}: only 8-bit RGB non-interlaced PNGs are supported")
-    raw = zlib.decompress(b"".join(body for kind, body in chunks if kind == b"IDAT"))
-    scanlines = np.frombuffer(raw, np.uint8).reshape(height, 1 + width * 3)
-    if np.any(scanlines[:, 0] != 0):
-        raise ValueError(f"{path}: only filter type 0 is supported")
-    return scanlines[:, 1:].reshape(height, width, 3).copy()

@@ -34,6 +34,7 @@ TEST_BUCKETS = 10          # 1 in TEST_BUCKETS question hashes belongs to the te
 DEFAULT_SEED = 1234
 DEFAULT_TEST_SIZE = 200
 DEFAULT_HELDOUT_SIZE = 120
+MAX_REJECTIONS = 10_000     # consecutive rejected draws before a split is declared impossible
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,7 @@ def reference_solution(statements: list[Statement]) -> str:
     return "\n".join(lines)
 
 
-_INT = r"(-?\d+)"
+_INT = r"(-?[0-9]+)"
 _NOTATION: tuple[tuple[re.Pattern, Callable[..., str]], ...] = (
     (re.compile(rf"^{_INT}\^{_INT} mod {_INT}$"), lambda b, e, m: f"print(pow({b}, {e}, {m}))"),
     (re.compile(rf"^1\^2 \+ 2\^2 \+ \.\.\. \+ {_INT}\^2$"),
@@ -179,7 +180,7 @@ _NOTATION: tuple[tuple[re.Pattern, Callable[..., str]], ...] = (
     (re.compile(rf"^{_INT} ([*+-]) {_INT}$"), lambda a, op, b: f"print({a} {op} {b})"),
 )
 
-STATEMENT_RE = re.compile(r"^(?P<expression>[^=\n]+?) = (?P<value>-?\d+)\.$")
+STATEMENT_RE = re.compile(r"^(?P<expression>[^=\n]+?) = (?P<value>-?[0-9]+)\.$")
 
 
 def statement_code(expression: str) -> str | None:
@@ -220,18 +221,21 @@ def generate_problems(split: str, n: int, seed: int = DEFAULT_SEED) -> list[Prob
     rng = random.Random(f"{seed}-{split}")
     problems: list[Problem] = []
     seen: set[str] = set()
-    for _attempt in range(1000 * n + 1000):
-        if len(problems) == n:
-            return problems
+    rejected_in_a_row = 0
+    while len(problems) < n:
+        if rejected_in_a_row > MAX_REJECTIONS:
+            raise ValueError(f"could not draw {n} distinct {split} problems: template "
+                             f"{templates[len(problems) % len(templates)].name!r} ran out of distinct questions")
         template = templates[len(problems) % len(templates)]
         problem = _make(template, rng, f"tiny-{split}-{len(problems):05d}")
-        if split != "heldout" and _is_test(problem.question) != (split == "test"):
+        wrong_split = split != "heldout" and _is_test(problem.question) != (split == "test")
+        if wrong_split or (split != "train" and problem.question in seen):
+            rejected_in_a_row += 1
             continue
-        if split != "train" and problem.question in seen:
-            continue
+        rejected_in_a_row = 0
         seen.add(problem.question)
         problems.append(problem)
-    raise ValueError(f"could not draw {n} distinct {split} problems: the templates' number ranges are too small")
+    return problems
 
 
 def train_split(n: int, seed: int = DEFAULT_SEED) -> list[Problem]:

@@ -15,7 +15,6 @@ Limits: the vocabulary is tiny (a few hundred tokens) and learned from tiny-worl
 encodes as raw bytes (correct, just long).
 """
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from thor_min import tasks
+from thor_min.models import save_model_dir
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -104,11 +104,3 @@ def create_tiny_base(out_dir: str | Path, size: TinyModelSize = TinyModelSize(),
     save_model_dir(model, tokenizer, out_dir, template="tiny")
     return out_dir
 
-
-def save_model_dir(model, tokenizer, out_dir: str | Path, template: str) -> None:
-    """`save_pretrained` model and tokenizer, plus `thor_min.json` naming the prompt template family."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    (out_dir / "thor_min.json").write_text(json.dumps({"template": template}) + "\n")

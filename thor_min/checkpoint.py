@@ -1,0 +1,78 @@
+"""Checkpoints that survive a kill: written to a temp directory, renamed into place, then pointed at.
+
+A checkpoint holds the trainable weights (the full state dict, or only the LoRA adapters when the model
+has them), the optimiser state, the python/torch RNG states, and a small JSON `state` (step, data
+position, anything the trainer needs to continue). Writing order makes a SIGKILL at any moment safe:
+1. everything is written into `ckpt-<step>.tmp/`;
+2. the directory is renamed to `ckpt-<step>/` (atomic on one filesystem);
+3. the file `latest` is replaced atomically (temp file + `os.replace`) with the new name;
+4. older checkpoints are deleted.
+`load_latest` follows `latest`, so a half-written checkpoint is never read, and a run killed mid-step
+loses at most the step in flight. Limits: one process writes a directory at a time; weights are saved with
+`torch.save` (safetensors for adapters is `thor_min.lora.save_lora`'s job, for export).
+"""
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from thor_min.lora import lora_layers, lora_state_dict
+
+
+@dataclass
+class Checkpoint:
+    """What `load_latest` found: the step and the trainer's own state dict."""
+
+    step: int
+    state: dict
+
+
+def _trainable_state(model) -> dict:
+    return lora_state_dict(model) if lora_layers(model) else model.state_dict()
+
+
+def save_checkpoint(directory: str | Path, *, model, optimizer, step: int, state: dict, keep: int = 1) -> Path:
+    """Atomically write checkpoint `step` under `directory` and make it the latest."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"ckpt-{step:07d}"
+    temp = directory / f"ckpt-{step:07d}.tmp"
+    shutil.rmtree(temp, ignore_errors=True)
+    temp.mkdir()
+    torch.save(_trainable_state(model), temp / "model.pt")
+    torch.save(optimizer.state_dict(), temp / "optimizer.pt")
+    torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, temp / "rng.pt")
+    (temp / "state.json").write_text(json.dumps({"step": step, "state": state}))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(temp, final)
+    pointer = directory / "latest.tmp"
+    pointer.write_text(final.name)
+    os.replace(pointer, directory / "latest")
+    checkpoints = sorted(p for p in directory.glob("ckpt-*") if not p.name.endswith(".tmp"))
+    for old in checkpoints[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_latest(directory: str | Path, *, model, optimizer) -> Checkpoint | None:
+    """Restore the latest checkpoint into `model` and `optimizer`; None if there is none."""
+    pointer = Path(directory) / "latest"
+    if not pointer.is_file():
+        return None
+    path = Path(directory) / pointer.read_text().strip()
+    weights = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or (missing and not lora_layers(model)):
+        raise RuntimeError(f"checkpoint {path} does not match the model (missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]})")
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    rng = torch.load(path / "rng.pt", weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    saved = json.loads((path / "state.json").read_text())
+    return Checkpoint(step=saved["step"], state=saved["state"])
