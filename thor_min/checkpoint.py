@@ -6,7 +6,8 @@ position, anything the trainer needs to continue). Writing order makes a SIGKILL
 1. everything is written into `ckpt-<step>.tmp/`;
 2. the directory is renamed to `ckpt-<step>/` (atomic on one filesystem);
 3. the file `latest` is replaced atomically (temp file + `os.replace`) with the new name;
-4. older checkpoints are deleted.
+4. older checkpoints are deleted (beyond `keep`), as are half-written `.tmp` dirs and later-step ones left
+   by an earlier run of the same directory; never the one just written.
 `load_latest` follows `latest`, so a half-written checkpoint is never read, and a run killed mid-step
 loses at most the step in flight. Limits: one process writes a directory at a time; weights are saved with
 `torch.save` (safetensors for adapters is `thor_min.lora.save_lora`'s job, for export).
@@ -53,10 +54,22 @@ def save_checkpoint(directory: str | Path, *, model, optimizer, step: int, state
     pointer = directory / "latest.tmp"
     pointer.write_text(final.name)
     os.replace(pointer, directory / "latest")
-    checkpoints = sorted(p for p in directory.glob("ckpt-*") if not p.name.endswith(".tmp"))
-    for old in checkpoints[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    _prune(directory, final, keep)
     return final
+
+
+def _prune(directory: Path, final: Path, keep: int) -> None:
+    """Keep `final` and the `keep - 1` newest checkpoints before it. Later-step checkpoints (left by an earlier
+    run of the same directory, unreachable now that `latest` moved back) and stale `.tmp` dirs (a killed
+    write) are deleted: never the checkpoint just written."""
+    older, stale = [], []
+    for path in directory.glob("ckpt-*"):
+        if path == final or not path.is_dir():
+            continue
+        (stale if path.name.endswith(".tmp") or path.name > final.name else older).append(path)
+    older.sort()
+    for old in stale + older[:max(0, len(older) - (keep - 1))]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_latest(directory: str | Path, *, model, optimizer) -> Checkpoint | None:
@@ -66,10 +79,13 @@ def load_latest(directory: str | Path, *, model, optimizer) -> Checkpoint | None
         return None
     path = Path(directory) / pointer.read_text().strip()
     weights = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if unexpected or (missing and not lora_layers(model)):
+    expected = _trainable_state(model)   # checked before loading: a mismatch leaves the model untouched
+    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    wrong_shape = [k for k in set(expected) & set(weights) if expected[k].shape != weights[k].shape]
+    if missing or unexpected or wrong_shape:
         raise RuntimeError(f"checkpoint {path} does not match the model (missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]})")
+                           f"unexpected {unexpected[:3]}, wrong shape {sorted(wrong_shape)[:3]})")
+    model.load_state_dict(weights, strict=False)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     rng = torch.load(path / "rng.pt", weights_only=False)
     torch.set_rng_state(rng["torch"])

@@ -41,6 +41,11 @@ class MetricsLog:
         if time.monotonic() - self._last_plot > self.plot_every_s:
             self.plot()
 
+    def drop_stage(self, stage: str) -> None:
+        """Forget a stage's earlier rows (a stage re-run from scratch replaces its curve)."""
+        kept = [row for row in self.rows() if row["stage"] != stage]
+        self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+
     def rows(self) -> list[dict]:
         if not self.path.exists():
             return []

@@ -162,8 +162,13 @@ def save_model_dir(model, tokenizer, out_dir: str | Path, template: str) -> Path
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    (out_dir / METADATA_FILE).write_text(json.dumps({"template": template}) + "\n")
+    write_metadata(out_dir, template)
     return out_dir
+
+
+def write_metadata(out_dir: str | Path, template: str) -> None:
+    """Record the prompt template family next to the weights (read back by `detect_template`)."""
+    (Path(out_dir) / METADATA_FILE).write_text(json.dumps({"template": template}) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------

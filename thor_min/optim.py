@@ -22,12 +22,12 @@ def build_optimizer(parameters, lr: float, weight_decay: float = 0.0, betas=(0.9
 def scheduled_lr(base_lr: float, step: int, total_steps: int, warmup_steps: int = 0,
                  schedule: str = "constant", min_ratio: float = 0.1) -> float:
     """Learning rate at `step` (0-based): linear warm-up, then constant or cosine down to min_ratio * lr."""
+    if schedule not in ("constant", "cosine"):   # checked first: a typo must fail at step 0, not after warm-up
+        raise ValueError(f"unknown schedule {schedule!r}: use constant or cosine")
     if warmup_steps > 0 and step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
     if schedule == "constant":
         return base_lr
-    if schedule != "cosine":
-        raise ValueError(f"unknown schedule {schedule!r}: use constant or cosine")
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 

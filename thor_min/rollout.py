@@ -7,13 +7,16 @@ generate.py). It is a hand-written sampler over any transformers causal LM (no `
 - One forward per step for all live rows, each writing the same column of a preallocated cache
   (`thor_min.kvcache`); per-row positions and a per-row column mask make left padding, tool output
   and rollbacks exact. Finished rows are dropped from the batch when half of it is done.
-- Tool calls. When a row's text closes a ```python block, the cells closed at that step are run together
-  through the sandbox (in parallel), and the observation block is tokenised on its own and queued as
-  *forced tokens*: the row feeds them one per step (loss mask 0, no sampling) while the other rows keep
-  sampling. Why forced tokens rather than a ragged chunk prefill: THOR caps observations at 256 chars
-  (tens of tokens), rows close cells at different steps, and with forced tokens no row ever waits for
-  another or leaves holes in other rows' columns; rollback (below) needs no extra mechanism. The cost is
-  one step per observation token for that row, paid in parallel with the others.
+- Tool calls. When a row's text closes a ```python block, the cells closed at that step are submitted
+  together to the sandbox in a background thread, and generation goes on: the row waits (feeding nothing,
+  its column masked) while every other row keeps sampling, so a slow cell never stalls the batch; only when
+  no row has anything to do does the engine block on the sandbox. The observation block is tokenised on its
+  own and queued as *forced tokens*: the row feeds them one per step (loss mask 0, no sampling). Why forced
+  tokens rather than a ragged chunk prefill: THOR caps observations at 256 chars (tens of tokens), rows close
+  cells at different steps, and with forced tokens no row waits for another; rollback (below) needs no extra
+  mechanism. The cost is one step per observation token for that row, paid in parallel with the others.
+- Randomness is per row: row (request r, sample s) draws its uniforms from its own stream seeded by
+  (seed, r, s), so a rollout does not depend on when cells finish, on the batch size or on the other rows.
 - Self-correction (THOR section 5): a failed cell is thrown away together with `backtrack_tokens` more
   tokens (never crossing the last observation) and resampled, up to `self_correct` times per failing
   cell; then the failure is kept and generation goes on. Rolling back re-masks the discarded columns and
@@ -25,11 +28,14 @@ generate.py). It is a hand-written sampler over any transformers causal LM (no `
 The loss mask is built from the token stream: 1 for every token the policy sampled, 0 for forced
 observation tokens; prompt tokens are never part of the completion. Sampling log-probs are recorded
 under temperature scaling only (top-k/top-p are for inference, THOR.md section 7).
-Limits: one cache column per fed token for all rows (a row that rolls back leaves masked columns behind);
-full-attention models (see kvcache.py); the tokenizer must be a fast (Rust) tokenizer.
+Limits: one cache column per step for all rows (rolled-back tokens and the steps a row waits for a cell
+leave masked columns behind; the cache grows when full); full-attention models (see kvcache.py); the
+tokenizer must be a fast (Rust) tokenizer; `sandbox.run_batch` is called from worker threads.
 """
 
 import bisect
+import concurrent.futures
+import random
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -56,6 +62,11 @@ class SamplingConfig:
     backtrack_tokens: int = 500       # L_suf: tokens dropped before a failed cell's fence when retrying
     batch_size: int = 64              # rows per forward
     ignore_eos: bool = False          # benchmarks: always generate max_new_tokens
+    stop_strings: tuple[str, ...] = ()  # finish a row (reason "stop") once its text contains one of these
+
+    @property
+    def parses_fences(self) -> bool:
+        return self.max_tool_calls > 0 or self.stop_after_first_cell
 
 
 @dataclass
@@ -81,6 +92,8 @@ class _Row:
     floor: int = 0                             # rollback never goes before this completion index
     retries_by_cell: dict = field(default_factory=dict)
     stale_columns: list[int] = field(default_factory=list)   # columns to unmask before the next feed
+    rng: random.Random = field(default_factory=random.Random)   # this row's uniforms for sampling
+    cell_result: tuple | None = None           # (future of a sandbox batch, index in it) while a cell runs
     done: bool = False
 
     @property
@@ -108,29 +121,29 @@ class RolloutEngine:
     def generate(self, requests: list[RolloutRequest], config: SamplingConfig, *, seed: int = 0,
                  progress=None) -> list[Rollout]:
         """Rollouts for every request, `samples` each, in request order. `progress(n)` is called per batch."""
-        if config.max_tool_calls > 0 or config.stop_after_first_cell:
+        if config.parses_fences:
             if self.sandbox is None:
                 raise ValueError("tool calls need a sandbox: pass sandbox=Sandbox(...) or max_tool_calls=0")
-        generator = torch.Generator(device=self.model.device).manual_seed(seed)
         results: list[Rollout] = []
-        for batch in _batches(requests, config.batch_size):
-            rollouts = self._generate_batch([requests[i] for i in batch], config, generator)
-            for rollout in rollouts:
-                rollout.request += batch[0]
-            results.extend(rollouts)
-            if progress is not None:
-                progress(len(rollouts))
+        with concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="cells") as cell_runner:
+            for batch in _batches(requests, config.batch_size):
+                rows = self._prefill([requests[i] for i in batch], batch[0], config, seed)
+                results.extend(self._generate_batch(*rows, config, cell_runner))
+                if progress is not None:
+                    progress(sum(requests[i].samples for i in batch))
         return results
 
     # ------------------------------------------------------------------------------------------
     # One batch
 
-    def _generate_batch(self, requests, config, generator) -> list[Rollout]:
-        cache, logits, column_mask, rows = self._prefill(requests, config)
+    def _generate_batch(self, cache, logits, column_mask, rows, config, cell_runner) -> list[Rollout]:
         all_rows = list(rows)
         while True:
-            self._sample_step(rows, logits, config, generator)
-            self._run_cells(rows, config)
+            self._sample_step(rows, logits, config)
+            self._submit_cells(rows, cell_runner)
+            self._collect_cells(rows, config, block=False)
+            while any(row.cell_result for row in rows) and not any(row.to_feed for row in rows if not row.done):
+                self._collect_cells(rows, config, block=True)         # nothing else to do: wait for a cell
             live = [i for i, row in enumerate(rows) if not row.done]
             if not live:
                 break
@@ -141,7 +154,7 @@ class RolloutEngine:
             logits, column_mask = self._feed_step(cache, column_mask, rows)
         return [row.rollout for row in all_rows]
 
-    def _prefill(self, requests, config):
+    def _prefill(self, requests, first_request: int, config, seed: int):
         """Prefill distinct prompts once (left-padded), then replicate each to its samples' rows."""
         device = self.model.device
         width = max(len(r.prompt_ids) for r in requests)
@@ -164,9 +177,10 @@ class RolloutEngine:
         for i, request in enumerate(requests):
             first_column = width - len(request.prompt_ids)
             for sample in range(request.samples):
-                rollout = Rollout(request=i, sample=sample, prompt_ids=list(request.prompt_ids))
+                rollout = Rollout(request=first_request + i, sample=sample, prompt_ids=list(request.prompt_ids))
                 rows.append(_Row(rollout=rollout, tokens=list(request.prompt_ids),
-                                 columns=list(range(first_column, width))))
+                                 columns=list(range(first_column, width)),
+                                 rng=random.Random(f"{seed}/{first_request + i}/{sample}")))
         return cache, logits, column_mask, rows
 
     def _feed_step(self, cache, column_mask, rows):
@@ -181,7 +195,7 @@ class RolloutEngine:
             if row.stale_columns:                               # discarded by a rollback
                 column_mask[i, row.stale_columns] = False
                 row.stale_columns = []
-            if not row.done:
+            if not row.done and row.to_feed:                    # rows waiting for a cell feed nothing
                 tokens[i] = row.to_feed.popleft()
                 positions[i] = len(row.columns)                 # a token's position = its index in the row
                 row.columns.append(column)
@@ -196,12 +210,15 @@ class RolloutEngine:
     # ------------------------------------------------------------------------------------------
     # Sampling and bookkeeping
 
-    def _sample_step(self, rows, logits, config, generator) -> None:
-        """Sample one token for every live row that has nothing queued to feed."""
-        ready = [i for i, row in enumerate(rows) if not row.done and not row.to_feed]
+    def _sample_step(self, rows, logits, config) -> None:
+        """Sample one token for every live row that has nothing queued to feed and no cell running."""
+        ready = [i for i, row in enumerate(rows) if not row.done and not row.to_feed and row.cell_result is None]
         if not ready:
             return
-        tokens, logprobs = sample_tokens(logits[ready], config, generator)
+        uniform = None
+        if config.temperature > 0:
+            uniform = torch.tensor([rows[i].rng.random() for i in ready], device=logits.device)
+        tokens, logprobs = sample_tokens(logits[ready], config, uniform=uniform)
         for i, token, logprob in zip(ready, tokens.tolist(), logprobs.tolist()):
             self._append_sampled(rows[i], token, logprob, config)
 
@@ -215,10 +232,16 @@ class RolloutEngine:
         row.to_feed.append(token)
         if token in self.eos_ids and not config.ignore_eos:
             return self._finish(row, "eos")
-        closed = []
-        if config.max_tool_calls > 0 or config.stop_after_first_cell:   # plain CoT needs no text tracking
-            closed = row.tracker.append(self._decode_increment(row))
+        closed, piece = [], ""
+        if config.parses_fences:
+            piece = self._decode_increment(row)
+            closed = row.tracker.append(piece)
             row.char_end.append(len(row.tracker.text))
+        elif config.stop_strings:                                        # plain CoT needs no text otherwise
+            piece = self._decode_increment(row)
+            row.tracker.text += piece
+        if piece and config.stop_strings and not closed and _ends_in_stop(row.tracker, piece, config.stop_strings):
+            return self._finish(row, "stop")
         if closed:
             fence_token = bisect.bisect_right(row.char_end, row.tracker.fence_at)
             rollout.cells.append(Cell(code=closed[-1], passed=False, executed=False, observation="",
@@ -249,14 +272,27 @@ class RolloutEngine:
     # ------------------------------------------------------------------------------------------
     # Cells
 
-    def _run_cells(self, rows, config) -> None:
-        """Execute every cell closed at this step in one sandbox batch, then append or roll back."""
-        pending = [row for row in rows if not row.done and row.rollout.cells and not row.rollout.cells[-1].executed
-                   and row.rollout.cells[-1].close_token == len(row.rollout.completion_ids)]
-        if not pending:
-            return
-        results = self.sandbox.run_batch([row.rollout.cells[-1].code for row in pending])
-        for row, result in zip(pending, results):
+    def _submit_cells(self, rows, cell_runner) -> None:
+        """Send every cell closed at this step to the sandbox as one batch, in the background."""
+        closed = [row for row in rows if not row.done and row.cell_result is None and row.rollout.cells
+                  and not row.rollout.cells[-1].executed
+                  and row.rollout.cells[-1].close_token == len(row.rollout.completion_ids)]
+        if closed:
+            future = cell_runner.submit(self.sandbox.run_batch, [row.rollout.cells[-1].code for row in closed])
+            for index, row in enumerate(closed):
+                row.cell_result = (future, index)
+
+    def _collect_cells(self, rows, config, block: bool) -> None:
+        """Apply the results of finished cells: append the observation, roll back, or finish the row."""
+        waiting = [row for row in rows if row.cell_result is not None]
+        if block:
+            concurrent.futures.wait({row.cell_result[0] for row in waiting},
+                                    return_when=concurrent.futures.FIRST_COMPLETED)
+        for row in waiting:
+            future, index = row.cell_result
+            if not future.done():
+                continue
+            row.cell_result, result = None, future.result()[index]
             cell = row.rollout.cells[-1]
             cell.executed, cell.passed = True, result.passed
             cell.observation, cell.error = result.observation, getattr(result, "error", "") or ""
@@ -291,7 +327,7 @@ class RolloutEngine:
         row.to_feed = deque([row.tokens[last_kept]])
         row.char_end = row.char_end[:keep]
         row.tracker.truncate(row.char_end[-1] if row.char_end else 0)
-        row.decode_from = row.decoded_upto = keep
+        row.decode_from = row.decoded_upto = _decoded_prefix(row.char_end, row.floor)
         rollout.retries += 1
 
     def _append_observation(self, row: _Row, cell: Cell, config: SamplingConfig) -> None:
@@ -315,10 +351,12 @@ class RolloutEngine:
 # Helpers
 
 
-def sample_tokens(logits: torch.Tensor, config: SamplingConfig, generator) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_tokens(logits: torch.Tensor, config: SamplingConfig, generator=None, *,
+                  uniform: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row of `logits [N, V]`; return (tokens [N], log-probs [N]).
 
-    The log-prob is under softmax(logits / T) (T = 1 for greedy), before any top-k/top-p truncation.
+    `uniform [N]` (values in [0, 1)) picks each row's token by inverse CDF; without it they are drawn from
+    `generator`. The log-prob is under softmax(logits / T) (T = 1 for greedy), before any top-k/top-p truncation.
     """
     temperature = config.temperature if config.temperature > 0 else 1.0
     logprobs = torch.log_softmax(logits / temperature, dim=-1)                          # [N, V]
@@ -328,17 +366,39 @@ def sample_tokens(logits: torch.Tensor, config: SamplingConfig, generator) -> tu
         filtered = logprobs
         if config.top_k > 0:
             kth = filtered.topk(min(config.top_k, filtered.shape[-1]), dim=-1).values[:, -1:]
-            filtered = filtered.masked_fill(filtered < kth, float("-inf"))
-        if config.top_p < 1.0:
+            filtered = filtered.masked_fill(filtered < kth, float("-inf")).log_softmax(dim=-1)
+        if config.top_p < 1.0:   # keep the most likely tokens until their mass reaches top_p (of what top-k kept)
             sorted_lp, order = filtered.sort(dim=-1, descending=True)
             mass_before = sorted_lp.exp().cumsum(dim=-1) - sorted_lp.exp()
-            drop = mass_before > config.top_p                                    # keep the head covering top_p
+            drop = mass_before >= config.top_p
+            drop[:, 0] = False                                                   # the top token always stays
             filtered = filtered.scatter(1, order, sorted_lp.masked_fill(drop, float("-inf")))
-        # inverse-CDF sampling: one uniform per row (much cheaper on CPU than multinomial or Gumbel noise)
+        # inverse-CDF sampling: one uniform per row (much cheaper on CPU than multinomial or Gumbel noise).
+        # u < total strictly and a right-sided search land on a token with probability > 0, never a dropped one.
         cdf = filtered.exp().cumsum(dim=-1)                                           # [N, V]
-        uniform = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
-        tokens = torch.searchsorted(cdf, uniform).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
+        total = cdf[:, -1:]
+        if uniform is None:
+            uniform = torch.rand(cdf.shape[0], generator=generator, device=cdf.device)
+        uniform = uniform.to(cdf.dtype)[:, None] * total
+        uniform = torch.minimum(uniform, torch.nextafter(total, torch.zeros_like(total)))
+        tokens = torch.searchsorted(cdf, uniform, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def _ends_in_stop(tracker: FenceTracker, piece: str, stop_strings) -> bool:
+    """Did the latest `piece` complete a stop string? Only model-written text after the last observation counts."""
+    start = max(len(tracker.text) - len(piece) - max(map(len, stop_strings)) + 1, tracker.parse_floor, 0)
+    tail = tracker.text[start:]
+    return any(stop in tail for stop in stop_strings)
+
+
+def _decoded_prefix(char_end: list[int], floor: int) -> int:
+    """Completion tokens whose text is fully in the tracker: trailing tokens that added no text (bytes of an
+    incomplete UTF-8 character held back by `_decode_increment`) are decoded again after a rollback."""
+    kept = len(char_end)
+    while kept > floor and char_end[kept - 1] == (char_end[kept - 2] if kept >= 2 else 0):
+        kept -= 1
+    return kept
 
 
 def _expand_ragged(cache: RolloutCache, repeats: torch.Tensor, capacity: int) -> RolloutCache:

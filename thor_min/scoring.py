@@ -65,3 +65,16 @@ def scatter_targets(values: torch.Tensor, batch: TokenBatch, fill: float = 0.0) 
     """Place per-target values `[N]` back at their positions in a `[B, T]` tensor (others = fill)."""
     out = torch.full(batch.target_mask.shape, fill, dtype=values.dtype, device=values.device)
     return out.masked_scatter(batch.target_mask, values)
+
+
+def micro_batches(lengths: list[int], indices: list[int], max_tokens: int) -> list[list[int]]:
+    """Split `indices` (sorted by length here) into groups whose padded size stays within `max_tokens`."""
+    groups, current, width = [], [], 0
+    for i in sorted(indices, key=lambda i: lengths[i]):
+        new_width = max(width, lengths[i])
+        if current and new_width * (len(current) + 1) > max_tokens:
+            groups.append(current)
+            current, new_width = [], lengths[i]
+        current.append(i)
+        width = new_width
+    return groups + ([current] if current else [])

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from thor_min.checkpoint import load_latest, save_checkpoint
 from thor_min.optim import build_optimizer, guarded_step, scheduled_lr, set_lr
-from thor_min.scoring import pad_batch, sequence_logprobs
+from thor_min.scoring import micro_batches, pad_batch, sequence_logprobs
 from thor_min.trajectory import split_segments
 
 
@@ -54,7 +54,8 @@ class TokenizedExample:
     loss_mask: list[int]
 
 
-def tokenize_example(tokenizer, prompt: str, response: str, *, train_on_outputs: bool = False) -> TokenizedExample:
+def tokenize_example(tokenizer, prompt: str, response: str, *, train_on_outputs: bool = False,
+                     add_eos: bool = True) -> TokenizedExample:
     """Prompt (mask 0) + response segments (model text 1, observation blocks 0 unless asked) + EOS (1)."""
     ids = tokenizer.encode(prompt, add_special_tokens=False)
     mask = [0] * len(ids)
@@ -62,8 +63,9 @@ def tokenize_example(tokenizer, prompt: str, response: str, *, train_on_outputs:
         segment_ids = tokenizer.encode(segment, add_special_tokens=False)
         ids += segment_ids
         mask += [int(train_on_outputs or not is_observation)] * len(segment_ids)
-    ids.append(tokenizer.eos_token_id)
-    mask.append(1)
+    if add_eos:
+        ids.append(tokenizer.eos_token_id)
+        mask.append(1)
     return TokenizedExample(ids, mask)
 
 
@@ -78,19 +80,6 @@ def _batches(examples: list[TokenizedExample], batch_size: int, epoch: int, seed
         batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
     random.Random(seed * 1000 + epoch + 1).shuffle(batches)
     return batches
-
-
-def _micro_batches(examples: list[TokenizedExample], indices: list[int], max_tokens: int) -> list[list[int]]:
-    """Split a batch (sorted by length is best) into micro-batches of at most `max_tokens` padded tokens."""
-    groups, current, width = [], [], 0
-    for i in sorted(indices, key=lambda i: len(examples[i].ids)):
-        new_width = max(width, len(examples[i].ids))
-        if current and new_width * (len(current) + 1) > max_tokens:
-            groups.append(current)
-            current, new_width = [], len(examples[i].ids)
-        current.append(i)
-        width = new_width
-    return groups + ([current] if current else [])
 
 
 def batch_nll(model, examples: list[TokenizedExample], indices: list[int], pad_id: int, device) -> tuple[torch.Tensor, int]:
@@ -108,7 +97,7 @@ def evaluate_loss(model, examples: list[TokenizedExample], pad_id: int, max_toke
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for group in _micro_batches(examples, list(range(len(examples))), max_tokens):
+    for group in micro_batches([len(e.ids) for e in examples], list(range(len(examples))), max_tokens):
         nll, tokens = batch_nll(model, examples, group, pad_id, model.device)
         total, count = total + float(nll), count + tokens
     model.train(was_training)
@@ -121,6 +110,7 @@ def train_sft(model, tokenizer, train: list[TokenizedExample], held_out: list[To
     kept = [e for e in train if len(e.ids) <= config.max_tokens]
     if not kept:
         raise ValueError(f"{stage}: no training examples (of {len(train)}) fit in {config.max_tokens} tokens")
+    lengths = [len(e.ids) for e in kept]
     steps_per_epoch = math.ceil(len(kept) / config.batch_size)
     total_steps = config.max_steps or max(1, round(config.epochs * steps_per_epoch))
     optimizer = build_optimizer(model.parameters(), config.lr, config.weight_decay)
@@ -132,6 +122,7 @@ def train_sft(model, tokenizer, train: list[TokenizedExample], held_out: list[To
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eval_loss = evaluate_loss(model, held_out, pad_id, config.micro_batch_tokens) if start_step == 0 else float("nan")
     if start_step == 0:
+        log.drop_stage(stage)
         log.log(stage, 0, eval_loss=eval_loss)
     first_eval = eval_loss
     model.train()
@@ -144,10 +135,10 @@ def train_sft(model, tokenizer, train: list[TokenizedExample], held_out: list[To
         set_lr(optimizer, lr)
         num_targets = sum(sum(kept[i].loss_mask[1:]) for i in indices)
         loss_value = 0.0
-        for group in _micro_batches(kept, indices, config.micro_batch_tokens):
+        for group in micro_batches(lengths, indices, config.micro_batch_tokens):
             nll, _ = batch_nll(model, kept, group, pad_id, model.device)
             (nll / num_targets).backward()
-            loss_value += float(nll) / num_targets
+            loss_value += float(nll.detach()) / num_targets
         stepped, grad_norm = guarded_step(optimizer, loss_value, config.max_grad_norm)
         skipped += not stepped
         tokens_seen += sum(len(kept[i].ids) for i in indices)

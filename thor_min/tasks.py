@@ -193,6 +193,24 @@ def statement_code(expression: str) -> str | None:
     return None
 
 
+def code_snippets(n: int, seed: int = DEFAULT_SEED) -> list[str]:
+    """Stand-alone python cells with their real output, for the base model's pretraining corpus.
+
+    A real base LLM has seen code and notebook outputs, just never *this* problem solved with them. The
+    snippets give the tiny base the same footing: it knows what a cell and an output block look like, so a
+    context with tool calls (TIRGen's actor) is not out of distribution. The output block is rendered the
+    way the runtime renders it (trajectory.observation_block's format).
+    """
+    rng = random.Random(f"{seed}-snippets")
+    snippets = []
+    while len(snippets) < n:
+        _, statements = rng.choice(TEMPLATES).generate(rng)
+        statement = rng.choice(statements)
+        code = statement_code(statement.expression)
+        snippets.append(f"```python\n{code}\n```\n```output\n{statement.value}\n```\n")
+    return snippets
+
+
 # ----------------------------------------------------------------------------------------------
 # Splits
 

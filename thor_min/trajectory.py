@@ -72,6 +72,7 @@ class FenceTracker:
         self.open_at: int | None = None    # char index where the open block's code starts
         self.fence_at: int | None = None   # char index of the open block's "```python"
         self.scan_from = 0                 # where to look for the next opening fence
+        self.parse_floor = 0               # end of the last observation: never scanned again
 
     def append(self, piece: str) -> list[str]:
         """Add model-written text; return the code of each block that this piece closed."""
@@ -94,13 +95,15 @@ class FenceTracker:
     def append_observation(self, block: str) -> None:
         """Add runtime text (an output block); it is never parsed for fences."""
         self.text += block
-        self.scan_from = len(self.text)
+        self.scan_from = self.parse_floor = len(self.text)
 
     def truncate(self, length: int) -> None:
         """Roll the text back to `length` chars (a point outside any block, e.g. for self-correction)."""
         self.text = self.text[:length]
         self.open_at = self.fence_at = None
-        self.scan_from = min(self.scan_from, max(0, length - 16))
+        self.parse_floor = min(self.parse_floor, length)
+        # re-scan a margin before the cut (a fence split across pieces) but never an observation
+        self.scan_from = max(min(self.scan_from, length - 16), self.parse_floor, 0)
 
     @property
     def in_code(self) -> bool:
@@ -132,7 +135,7 @@ class Rollout:
     loss_mask: list[int] = field(default_factory=list)     # 1 = sampled by the policy, 0 = forced (observation)
     logprobs: list[float] = field(default_factory=list)    # sampling log-prob of each token (0.0 where forced)
     cells: list[Cell] = field(default_factory=list)
-    finish_reason: str = ""          # eos | length | budget | cell_error | cell (step mode)
+    finish_reason: str = ""          # eos | length | budget | cell_error | cell (step mode) | stop
     text: str = ""                   # decoded completion, observations included
     sampled_tokens: int = 0          # every token the policy sampled, discarded retries included
     retries: int = 0                 # self-correction resamples

@@ -1,0 +1,263 @@
+"""Bench: our rollout engine vs transformers' `model.generate`, for plain decoding and for tool-integrated rollouts.
+
+Run `python -m thor_min.bench rollout [--prompts P --samples G --prompt-tokens L --new-tokens N ...]`. Both parts run
+on the tiny preset model (`thor_min.tiny.build_model`, ~1.1 M parameters) in this process and print tokens/s for
+each side and their ratio (`... ratio (ours / transformers): X.XXx`).
+
+(a) Plain decode. Random weights. P random prompts of L tokens, G samples each (P*G rows in one batch), exactly N new
+    tokens per row, sampling at T = 1 with no top-k/top-p: ours with `SamplingConfig(ignore_eos=True)`,
+    transformers with `generate(do_sample=True, num_return_sequences=G, min_new_tokens=N, max_new_tokens=N)`. Both
+    sides do identical work (same rows, same lengths); tokens/s = P*G*N / wall time.
+
+(b) Tool-integrated rollouts. A model with random weights never writes a code block, so the tiny model is first
+    trained for a few seconds (plain cross-entropy, `fit_texts`) to reproduce a few fixed tool-using answers, one per
+    prompt (`tool_answers`): 3 or 4 cells each, every cell after a reasoning line; one line of each answer is long
+    (`--long-words`), at a different cell for each answer, as in sampled rollouts where at any cell some row is still
+    thinking while the others already run code. Rows = patterns x `--tool-samples`. Both sides decode greedily, so
+    they write the same trajectories (the bench prints how many texts are identical and both token counts), with the
+    same `Sandbox` and the same cell budget:
+    - ours: one `RolloutEngine.generate` call (cells run mid-generation in the background, observations fed as
+      forced tokens, finished rows dropped);
+    - transformers alone, the way a user would write it (`transformers_tool_loop`): batched `generate` until each
+      row closes a python block (`stop_strings`), run the closed cells, append each observation block to the row's
+      text, and call `generate` again on the whole re-tokenised text of every unfinished row, until none is left.
+    tokens/s = tokens the model wrote (observations excluded) / wall time, each side counting its own.
+
+What the ratios mean: (a) isolates per-step overhead and group replication (transformers prefills each prompt G
+times and concatenates its DynamicCache every step; we prefill once and write a preallocated cache in place).
+(b) adds what tool calls cost: the transformers loop re-prefills every row's whole text after each round of cells,
+every row of a round waits for the slowest one, and cells run while the whole batch waits. With `--long-words 1` all
+rows stay in lockstep, the transformers loop's best case. Timing: best wall clock of `--repeats` calls per side after
+a warm-up call. CPU numbers depend heavily on the thread count and on other load (`--threads 1` is steadier on a
+busy machine). Limits: a ~1 M-parameter model on a CPU; on a GPU with a real model the forward pass and cell time
+weigh differently.
+"""
+
+import argparse
+import random
+import time
+
+import torch
+
+from thor_min import tiny
+from thor_min.rollout import RolloutEngine, RolloutRequest, SamplingConfig
+from thor_min.sandbox import Sandbox
+from thor_min.trajectory import FenceTracker, observation_block
+
+CLOSE_STOP = "\n```\n"          # how a closed python block ends in the trained answers (a stop string for generate)
+FILLER = "first we need the product then we multiply again".split()
+
+
+# ----------------------------------------------------------------------------------------------
+# A model that writes cells
+
+
+def fit_texts(model, tokenizer, texts: list[str], *, steps: int = 150, lr: float = 3e-3, seed: int = 0) -> float:
+    """Train `model` on `texts` (+ EOS each) with full-batch cross-entropy until it reproduces them; return the loss.
+
+    Used by this bench and by the tests to get a tiny model that deterministically writes python cells.
+    """
+    ids = [tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id] for text in texts]
+    width = max(len(row) for row in ids)
+    input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention = torch.zeros(len(ids), width, dtype=torch.long)
+    for i, row in enumerate(ids):
+        input_ids[i, :len(row)], attention[i, :len(row)] = torch.tensor(row), 1
+    labels = input_ids.masked_fill(attention == 0, -100)
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 20))
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        warmup.step()
+    model.eval()
+    return float(loss.detach())
+
+
+def tool_answers(count: int, seed: int = 0, long_words: int = 24) -> list[tuple[str, str]]:
+    """(prompt, answer) pairs: answer k has 3 or 4 cells, each after a reasoning line.
+
+    One reasoning line of each answer is long (`long_words` words), at a different cell for different answers, the
+    others are a word or two: like sampled rollouts, at any cell some row is still thinking while the others code.
+    """
+    rng = random.Random(seed)
+    pairs = []
+    for k in range(count):
+        steps, cells = [], 4 - k % 2
+        for j in range(cells):
+            value, factor = rng.randint(2, 9), rng.randint(11, 99)
+            length = long_words if j == k % cells else 1 + (k + j) % 2
+            words = " ".join(FILLER[i % len(FILLER)] for i in range(length))
+            steps.append(f"Step {j + 1}: {words}.\n```python\nprint({value} * {factor})\n```\n"
+                         f"```output\n{value * factor}\n```\n")
+        pairs.append((f"Question: task {k}\nAnswer:\n", "".join(steps) + f"The answer is \\boxed{{{value * factor}}}."))
+    return pairs
+
+
+# ----------------------------------------------------------------------------------------------
+# (a) plain decode
+
+
+def bench_plain(model, tokenizer, args) -> tuple[float, float]:
+    """tokens/s of (ours, model.generate) for P*G rows of exactly N new tokens."""
+    generator = torch.Generator().manual_seed(args.seed)
+    prompts = torch.randint(2, len(tokenizer), (args.prompts, args.prompt_tokens), generator=generator)
+    engine = RolloutEngine(model, tokenizer)
+    config = SamplingConfig(max_new_tokens=args.new_tokens, temperature=1.0, max_tool_calls=0, ignore_eos=True,
+                            batch_size=args.prompts * args.samples)
+    requests = [RolloutRequest(row.tolist(), args.samples) for row in prompts]
+
+    def ours():
+        return engine.generate(requests, config, seed=args.seed)
+
+    def transformers_generate():
+        with torch.inference_mode():
+            return model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True, temperature=1.0,
+                                  top_k=0, top_p=1.0, num_return_sequences=args.samples, pad_token_id=tokenizer.pad_token_id,
+                                  max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
+
+    tokens = args.prompts * args.samples * args.new_tokens
+    return tokens / timed(ours, args.repeats), tokens / timed(transformers_generate, args.repeats)
+
+
+def timed(fn, repeats: int) -> float:
+    """Best wall time of `repeats` calls, after one warm-up call."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+# ----------------------------------------------------------------------------------------------
+# (b) tool-integrated rollouts
+
+
+def transformers_tool_loop(model, tokenizer, sandbox, prompts: list[str], max_new_tokens: int,
+                           max_tool_calls: int) -> tuple[list[str], int]:
+    """Tool use with transformers alone: generate to a closing fence, run it, append the output, generate again.
+
+    Returns (completion texts, tokens the model wrote). Rows are batched (left padding); each round ends when every
+    active row stopped, and the next round re-tokenises and re-prefills each unfinished row's whole text.
+    """
+    completions, written, calls = [""] * len(prompts), [0] * len(prompts), [0] * len(prompts)
+    active = list(range(len(prompts)))
+    tokenizer.padding_side = "left"
+    while active:
+        budget = max_new_tokens - min(written[i] for i in active)
+        batch = tokenizer([prompts[i] + completions[i] for i in active], return_tensors="pt", padding=True,
+                          add_special_tokens=False)
+        with torch.inference_mode():
+            out = model.generate(**batch, do_sample=False, max_new_tokens=budget, stop_strings=[CLOSE_STOP],
+                                 tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id)
+        closed_rows, codes = [], []
+        for row, new_ids in zip(active, out[:, batch["input_ids"].shape[1]:].tolist()):
+            new_ids = [t for t in new_ids if t != tokenizer.pad_token_id]
+            ended = tokenizer.eos_token_id in new_ids
+            new_ids = new_ids[:new_ids.index(tokenizer.eos_token_id)] if ended else new_ids
+            written[row] += len(new_ids) + ended
+            completions[row] += tokenizer.decode(new_ids)
+            code = _closed_cell(completions[row])
+            if not ended and code is not None and calls[row] < max_tool_calls and written[row] < max_new_tokens:
+                closed_rows.append(row)
+                codes.append(code)
+        for row, result in zip(closed_rows, sandbox.run_batch(codes)):
+            completions[row] += observation_block(result.observation, completions[row])
+            calls[row] += 1
+        active = closed_rows
+    return completions, sum(written)
+
+
+def _closed_cell(text: str) -> str | None:
+    """The code of the python block that `text` ends with (closed by its last line), if any."""
+    if not text.endswith(CLOSE_STOP):
+        return None
+    closed = FenceTracker().append(text[text.rfind("```python"):])
+    return closed[-1] if closed else None
+
+
+def bench_tools(model, tokenizer, args) -> tuple[float, float, int, int]:
+    """tokens/s of (ours, transformers loop) and the model-written tokens each side produced."""
+    answers = tool_answers(args.patterns, args.seed, args.long_words)
+    started = time.perf_counter()
+    loss = fit_texts(model, tokenizer, [p + a for p, a in answers], steps=args.train_steps, seed=args.seed)
+    print(f"trained the tool pattern: {args.train_steps} steps, loss {loss:.4f}, {time.perf_counter() - started:.1f} s")
+    prompts = [prompt for prompt, _ in answers for _ in range(args.tool_samples)]
+    requests = [RolloutRequest(tokenizer.encode(p, add_special_tokens=False), args.tool_samples) for p, _ in answers]
+    config = SamplingConfig(max_new_tokens=args.tool_new_tokens, temperature=0.0, max_tool_calls=args.max_tool_calls,
+                            batch_size=len(prompts))
+    with Sandbox(workers=args.workers, timeout=10.0) as sandbox:
+        engine = RolloutEngine(model, tokenizer, sandbox)
+        ours_rollouts, theirs = [], []
+        ours_s = timed(lambda: ours_rollouts.append(engine.generate(requests, config)), args.repeats)
+        theirs_s = timed(lambda: theirs.append(transformers_tool_loop(model, tokenizer, sandbox, prompts,
+                                                                        args.tool_new_tokens, args.max_tool_calls)),
+                         args.repeats)
+    rollouts = ours_rollouts[-1]
+    ours_tokens, theirs_tokens = sum(r.sampled_tokens for r in rollouts), theirs[-1][1]
+    cells = sum(len(r.executed_cells) for r in rollouts)
+    same = sum(r.text == text for r, text in zip(rollouts, theirs[-1][0]))
+    print(f"tool rollouts: {len(rollouts)} rows, {cells} cells executed by ours, "
+          f"{same}/{len(rollouts)} texts identical on both sides")
+    return ours_tokens / ours_s, theirs_tokens / theirs_s, ours_tokens, theirs_tokens
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m thor_min.bench rollout", description=__doc__.split("\n")[0])
+    plain = parser.add_argument_group("plain decode (a)")
+    plain.add_argument("--prompts", type=int, default=8, help="distinct prompts P")
+    plain.add_argument("--samples", type=int, default=8, help="samples G per prompt (rows = P*G)")
+    plain.add_argument("--prompt-tokens", type=int, default=64, help="prompt length L")
+    plain.add_argument("--new-tokens", type=int, default=256, help="new tokens N per row")
+    plain.add_argument("--repeats", type=int, default=2, help="timed calls per side, both parts (best is kept)")
+    tools = parser.add_argument_group("tool-integrated rollouts (b)")
+    tools.add_argument("--patterns", type=int, default=4, help="distinct tool-using answers (prompts) to train")
+    tools.add_argument("--tool-samples", type=int, default=16, help="rows per pattern (rows = patterns * this)")
+    tools.add_argument("--long-words", type=int, default=24, help="words of each answer's one long reasoning line "
+                       "(1 = all lines short: rows stay in lockstep, the transformers loop's best case)")
+    tools.add_argument("--train-steps", type=int, default=150, help="training steps for the tool pattern")
+    tools.add_argument("--tool-new-tokens", type=int, default=320, help="max new tokens per tool rollout")
+    tools.add_argument("--max-tool-calls", type=int, default=5, help="cells per rollout")
+    tools.add_argument("--workers", type=int, default=2, help="sandbox workers")
+    tools.add_argument("--skip-tools", action="store_true", help="run only the plain decode part (a)")
+    tools.add_argument("--skip-plain", action="store_true", help="run only the tool-integrated part (b)")
+    runtime = parser.add_argument_group("runtime")
+    runtime.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    runtime.add_argument("--seed", type=int, default=0, help="random seed")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from thor_min.models import silence_library_logs
+
+    silence_library_logs()
+    tokenizer = tiny.build_tokenizer()
+    model = tiny.build_model(tokenizer, seed=args.seed).eval()
+    params = sum(p.numel() for p in model.parameters())
+    print(f"tiny model: {params / 1e6:.2f} M parameters, {model.config.num_hidden_layers} layers, "
+          f"hidden {model.config.hidden_size}; threads={torch.get_num_threads()}")
+    if not args.skip_plain:
+        ours, theirs = bench_plain(model, tokenizer, args)
+        print(f"plain decode: {args.prompts}x{args.samples} rows, prompt {args.prompt_tokens}, "
+              f"{args.new_tokens} new tokens")
+        print(f"  ours {ours:9.0f} tok/s   model.generate {theirs:9.0f} tok/s")
+        print(f"plain decode ratio (ours / model.generate): {ours / theirs:.2f}x")
+    if args.skip_tools:
+        return 0
+    ours, theirs, ours_tokens, theirs_tokens = bench_tools(model, tokenizer, args)
+    print(f"  ours {ours:9.0f} tok/s ({ours_tokens} tokens)   transformers loop {theirs:9.0f} tok/s ({theirs_tokens} tokens)")
+    print(f"tool-integrated ratio (ours / transformers loop): {ours / theirs:.2f}x")
+    return 0

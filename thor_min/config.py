@@ -1,0 +1,109 @@
+"""One preset per model alias: every default hyperparameter of the pipeline, in one place.
+
+`tiny` is the embedded default that runs THOR end to end on a 2-core CPU in about ten minutes (step budgets,
+not time budgets, so a run is reproducible across machines). The Qwen presets follow THOR.md (group size 16,
+T = 1, clip-higher 0.2/0.28, lr 1e-6 full fine-tuning, 3,200-token responses, 5 cells in training and 10 at
+inference, L_suf 100 in training and 500 at inference) sized for one 24 GB GPU: LoRA r = 64 on a bf16 base
+with gradient checkpointing (see the README's memory table), so the learning rates are the LoRA ones
+(about 10x full fine-tuning). Any field can be overridden from the command line (`train.py --help`).
+Limits: the Qwen presets were derived, not tuned on a GPU here (no GPU on the development machine).
+"""
+
+from dataclasses import dataclass, fields, replace
+
+
+@dataclass(frozen=True)
+class Preset:
+    model: str                        # alias, hub id or local directory ("tiny" = build it)
+    template: str = "qwen-math"
+    train_data: str = "hf:DigitalLearningGmbH/MATH-lighteval:train"   # TIRGen/RL problems (load_problems spec)
+    benchmarks: tuple[str, ...] = ("math500", "aime24", "amc23", "minerva", "olympiadbench")
+    critic: str = "qwen3-32b"         # "rule" (tiny world) or an LLM critic alias / hub id / directory
+    # pretraining (tiny world only)
+    pretrain_steps: int = 0
+    pretrain_lr: float = 2e-3
+    pretrain_batch: int = 32
+    pretrain_code_fraction: float = 0.1   # stand-alone python snippets in the corpus (never solutions)
+    # TIRGen
+    tirgen_problems: int = 4000
+    tirgen_attempts: int = 8
+    tirgen_step_tokens: int = 512
+    tirgen_delimiter: str = "\n\n"
+    tirgen_temperature: float = 1.0
+    tirgen_code_filter: str = "library"
+    # cold-start SFT
+    sft_lr: float = 2e-5
+    sft_epochs: float = 3.0
+    sft_batch: int = 128
+    sft_train_on_outputs: bool = False
+    # hierarchical RL
+    rl_variants: tuple[str, ...] = ("rl",)   # rl = full THOR; rl-traj = no step level; rl-cot = no tools
+    rl_steps: int = 200
+    rl_prompts: int = 32
+    rl_group: int = 16
+    rl_lr: float = 1e-5
+    rl_minibatches: int = 4
+    rl_max_new_tokens: int = 3200
+    rl_min_response_tokens: int = 150
+    rl_step_suffix_tokens: int = 100
+    rl_step_max_new_tokens: int = 512
+    rl_eval_every: int = 20
+    # evaluation
+    eval_samples: int = 4
+    eval_temperature: float = 0.6
+    eval_max_new_tokens: int = 3200
+    eval_problems: int | None = None  # per benchmark (None = all)
+    self_correct: int = 4
+    backtrack_tokens: int = 500
+    # memory / speed
+    lora_rank: int = 64               # 0 = full fine-tuning
+    lora_alpha: float = 128.0
+    load_in_4bit: bool = False
+    gradient_checkpointing: bool = True
+    micro_batch_tokens: int = 16384
+    checkpoint_every: int = 25        # optimiser steps between pretraining / SFT checkpoints
+    rl_checkpoint_every: int = 1      # RL steps between checkpoints (a kill loses at most the step in flight)
+    rollout_batch: int = 256
+    cell_timeout: float = 10.0
+    sandbox_workers: int = 8
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(
+        model="tiny", template="tiny", train_data="tiny", benchmarks=("tiny", "tiny-heldout"), critic="rule",
+        pretrain_steps=1500, pretrain_lr=2e-3, pretrain_batch=32,
+        tirgen_problems=1200, tirgen_attempts=4, tirgen_step_tokens=48, tirgen_delimiter="\n",
+        tirgen_temperature=0.7, tirgen_code_filter="none",
+        sft_lr=1e-3, sft_epochs=3.0, sft_batch=32,
+        rl_variants=("rl-traj", "rl"), rl_steps=60, rl_prompts=8, rl_group=8, rl_lr=5e-5, rl_minibatches=2, rl_max_new_tokens=160,
+        rl_min_response_tokens=8, rl_step_suffix_tokens=8, rl_step_max_new_tokens=64, rl_eval_every=20,
+        eval_samples=4, eval_temperature=0.6, eval_max_new_tokens=160, eval_problems=None,
+        self_correct=4, backtrack_tokens=8,
+        lora_rank=0, gradient_checkpointing=False, micro_batch_tokens=8192, rollout_batch=256,
+        cell_timeout=5.0, sandbox_workers=2,
+    ),
+    "qwen-1.5b": Preset(model="qwen-1.5b"),
+    "qwen-7b": Preset(model="qwen-7b", load_in_4bit=True, rl_group=8, rl_prompts=16, rollout_batch=128),
+    "qwen3-1.7b": Preset(model="qwen3-1.7b", template="qwen3", tirgen_step_tokens=4096,
+                         rl_max_new_tokens=16384, eval_max_new_tokens=16384, rl_prompts=8, rl_group=8,
+                         rollout_batch=64),
+    "qwen3-8b": Preset(model="qwen3-8b", template="qwen3", tirgen_step_tokens=4096, load_in_4bit=True,
+                       rl_max_new_tokens=16384, eval_max_new_tokens=16384, rl_prompts=4, rl_group=8,
+                       rollout_batch=32),
+}
+
+
+def preset_for(model: str) -> Preset:
+    """The preset of an alias; any other model (hub id or directory) gets the qwen-1.5b defaults."""
+    if model in PRESETS:
+        return PRESETS[model]
+    return replace(PRESETS["qwen-1.5b"], model=model)
+
+
+def override(preset: Preset, **changes) -> Preset:
+    """A copy of `preset` with the non-None `changes` applied (unknown names raise)."""
+    names = {f.name for f in fields(Preset)}
+    unknown = set(changes) - names
+    if unknown:
+        raise ValueError(f"unknown preset fields: {', '.join(sorted(unknown))}")
+    return replace(preset, **{k: v for k, v in changes.items() if v is not None})

@@ -1,0 +1,374 @@
+"""The THOR pipeline as stages: pretrain (tiny world only) -> TIRGen -> cold-start SFT -> RL -> evaluation.
+
+`train.py` parses flags into a `Run` and calls `run_stages`. Each stage reads the previous stage's output
+directory and writes its own, so any stage can be (re)run alone with `--stage`:
+
+    OUT/base/       the tiny base model (pretrained on plain chain-of-thought)   [tiny only]
+    OUT/tirgen.jsonl, tirgen_stats.json, tirgen_raw.jsonl                       [TIRGen]
+    OUT/sft/        cold-start model                                            [SFT]
+    OUT/rl-traj/    trajectory-level RL only (ablation)                         [RL]
+    OUT/rl/         full hierarchical RL (trajectory + step level)              [RL]
+    OUT/rl-cot/     plain chain-of-thought RL from the base, no tools (--ablation)
+    OUT/metrics.jsonl, curves.png, report.md, summary.json, ablation.png, eval/  [eval]
+
+A finished stage leaves its model directory (written last); with `--resume` finished stages are skipped and
+an interrupted one continues from its checkpoint under OUT/checkpoints/. Limits: stages run one after the
+other in one process; real models need a GPU and a reachable (or local) model and dataset.
+"""
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from thor_min import tasks, tiny
+from thor_min.config import Preset
+from thor_min.data import Problem, load_problems
+from thor_min.evaluate import EvalConfig, evaluate, record_dict
+from thor_min.metrics import MetricsLog
+from thor_min.models import build_prompt, detect_template, load_model, save_model_dir, write_metadata
+from thor_min.rl import RLConfig, run_rl
+from thor_min.rollout import RolloutEngine
+from thor_min.sandbox import Sandbox
+from thor_min.sft import SFTConfig, TokenizedExample, tokenize_example, train_sft
+from thor_min.tirgen import LLMCritic, RuleCritic, TIRGenConfig, run_tirgen
+
+STAGES = ("pretrain", "tirgen", "sft", "rl", "eval")
+RL_VARIANTS = {  # directory -> (starts from, tools, step level)
+    "rl-traj": ("sft", True, False),
+    "rl": ("sft", True, True),
+    "rl-cot": ("base", False, False),
+}
+
+
+@dataclass
+class Run:
+    """Everything a stage needs to know about this run."""
+
+    preset: Preset
+    out: Path
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = False
+    ablation: bool = False
+    log: MetricsLog = field(init=False)
+
+    def __post_init__(self):
+        self.out = Path(self.out)
+        self.log = MetricsLog(self.out)
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.preset.model == "tiny"
+
+    def model_dir(self, name: str) -> Path:
+        return self.out / name
+
+    def finished(self, name: str) -> bool:
+        return (self.model_dir(name) / "config.json").is_file()
+
+    def base_model(self) -> str:
+        return str(self.model_dir("base")) if self.is_tiny else self.preset.model
+
+    def template(self, tokenizer=None) -> str:
+        return self.preset.template if self.preset.template != "auto" else detect_template(self.base_model(), tokenizer)
+
+
+def say(message: str) -> None:
+    """One clear log line per stage event (progress bars handle the rest)."""
+    print(f"[thor-min {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared helpers
+
+
+def training_problems(run: Run, count: int, salt: int) -> list[Problem]:
+    """Problems for TIRGen (salt 0) and RL (salt 1): tiny-world train split, or the preset's dataset."""
+    if run.is_tiny:
+        return tasks.train_split(count, seed=run.seed * 10 + salt + tasks.DEFAULT_SEED)
+    problems = load_problems(run.preset.train_data)
+    return problems[:count] if salt == 0 else problems[-count:] if count < len(problems) else problems
+
+
+def load_policy(run: Run, name: str, trainable: bool):
+    """Load a stage's model; for training, wrap LoRA adapters and enable checkpointing per the preset."""
+    preset = run.preset
+    model, tokenizer = load_model(name, device=run.device, load_in_4bit=preset.load_in_4bit and trainable,
+                                  gradient_checkpointing=preset.gradient_checkpointing and trainable)
+    if trainable and preset.lora_rank > 0:
+        from thor_min.lora import apply_lora
+
+        apply_lora(model, preset.lora_rank, preset.lora_alpha)
+    return model, tokenizer
+
+
+def save_policy(run: Run, model, tokenizer, name: str) -> Path:
+    """Write a loadable model directory atomically (LoRA adapters merged into a dense copy)."""
+    from thor_min.lora import export_merged, lora_layers
+
+    target, temp = run.model_dir(name), run.model_dir(name + ".tmp")
+    shutil.rmtree(temp, ignore_errors=True)
+    if lora_layers(model):
+        export_merged(model, temp)
+        tokenizer.save_pretrained(temp)
+        write_metadata(temp, run.template(tokenizer))
+    else:
+        save_model_dir(model, tokenizer, temp, run.template(tokenizer))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(temp, target)
+    return target
+
+
+def make_sandbox(run: Run) -> Sandbox:
+    return Sandbox(workers=run.preset.sandbox_workers, timeout=run.preset.cell_timeout)
+
+
+def prompt_encoder(run: Run, tokenizer, tools: bool):
+    template = run.template(tokenizer)
+    return lambda problem: tokenizer.encode(build_prompt(template, problem.question, tools=tools, tokenizer=tokenizer),
+                                            add_special_tokens=False)
+
+
+def record_stage(run: Run, stage: str, seconds: float, **facts) -> None:
+    """Append a stage's wall time and facts to OUT/stages.json (the report sums the seconds)."""
+    path = run.out / "stages.json"
+    stages = json.loads(path.read_text()) if path.exists() else {}
+    stages[stage] = {"seconds": round(seconds, 1), **facts}
+    path.write_text(json.dumps(stages, indent=2) + "\n")
+
+
+def full_text_examples(tokenizer, problems: list[Problem], snippets: list[str] = ()) -> list[TokenizedExample]:
+    """Pretraining examples: prompt + plain reference (and stand-alone code snippets), every token trained."""
+    pairs = [(build_prompt("tiny", p.question, tools=False), p.reference) for p in problems]
+    pairs += [("", snippet) for snippet in snippets]
+    examples = []
+    for prompt, text in pairs:
+        example = tokenize_example(tokenizer, prompt, text)
+        examples.append(TokenizedExample(example.ids, [1] * len(example.ids)))
+    return examples
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages
+
+
+def stage_pretrain(run: Run) -> None:
+    """Tiny world only: build tokenizer + model, pretrain on the plain chain-of-thought corpus."""
+    if not run.is_tiny:
+        return say("pretrain: skipped (real models start from their pretrained weights)")
+    if run.resume and run.finished("base"):
+        return say("pretrain: done already (OUT/base), skipping")
+    preset, started = run.preset, time.time()
+    say(f"pretrain: tiny Qwen2 model on plain chain-of-thought (+{preset.pretrain_code_fraction:.0%} stand-alone "
+        f"code snippets), {preset.pretrain_steps} steps")
+    torch.manual_seed(run.seed)
+    tokenizer = tiny.build_tokenizer()
+    model = tiny.build_model(tokenizer, seed=run.seed)
+    documents = preset.pretrain_steps * preset.pretrain_batch
+    snippets = tasks.code_snippets(int(documents * preset.pretrain_code_fraction), seed=run.seed)
+    corpus = training_problems(run, documents - len(snippets), salt=2)
+    held_out = full_text_examples(tokenizer, tasks.test_split(64, seed=tasks.DEFAULT_SEED + run.seed))
+    config = SFTConfig(lr=preset.pretrain_lr, max_steps=preset.pretrain_steps, batch_size=preset.pretrain_batch,
+                       schedule="cosine", warmup_steps=50, weight_decay=0.1, eval_every=250,
+                       checkpoint_every=preset.checkpoint_every,
+                       micro_batch_tokens=preset.micro_batch_tokens, seed=run.seed)
+    summary = train_sft(model, tokenizer, full_text_examples(tokenizer, corpus, snippets), held_out, config, log=run.log,
+                        stage="pretrain", checkpoint_dir=run.out / "checkpoints" / "pretrain", resume=run.resume)
+    save_policy(run, model, tokenizer, "base")
+    record_stage(run, "pretrain", time.time() - started, eval_loss=summary["final_eval_loss"])
+
+
+def solved_by_cot(engine, problems: list[Problem], template: str, max_new_tokens: int, batch_size: int) -> set[str]:
+    """Ids of problems the model solves with greedy plain chain-of-thought (TIRGen's difficulty filter)."""
+    config = EvalConfig(samples=1, temperature=0.0, max_tool_calls=0, max_new_tokens=max_new_tokens,
+                        batch_size=batch_size)
+    records, _ = evaluate(engine, problems, template, config, tools=False, desc="tirgen: plain-CoT baseline")
+    return {record.id for record in records if record.correct}
+
+
+def stage_tirgen(run: Run) -> None:
+    """Actor = the base policy (plain prompt), critic = rules (tiny) or an LLM; writes OUT/tirgen.jsonl."""
+    if run.resume and (run.out / "tirgen_stats.json").exists():
+        return say("tirgen: done already (OUT/tirgen.jsonl), skipping")
+    preset, started = run.preset, time.time()
+    say(f"tirgen: {preset.tirgen_problems} problems x {preset.tirgen_attempts} attempts, critic = {preset.critic}")
+    model, tokenizer = load_policy(run, run.base_model(), trainable=False)
+    template = run.template(tokenizer)
+    problems = training_problems(run, preset.tirgen_problems, salt=0)
+    config = TIRGenConfig(attempts=preset.tirgen_attempts, step_tokens=preset.tirgen_step_tokens,
+                          step_delimiter=preset.tirgen_delimiter, temperature=preset.tirgen_temperature,
+                          code_filter=preset.tirgen_code_filter, max_response_tokens=preset.rl_max_new_tokens,
+                          batch_size=preset.rollout_batch, seed=run.seed)
+    with make_sandbox(run) as sandbox:
+        engine = RolloutEngine(model, tokenizer, sandbox)
+        critic = RuleCritic(sandbox) if preset.critic == "rule" else LLMCritic(
+            RolloutEngine(*load_model(preset.critic, device=run.device), sandbox),
+            max_new_tokens=2 * preset.tirgen_step_tokens)
+        cot_solved = solved_by_cot(engine, problems, template, preset.rl_max_new_tokens, preset.rollout_batch)
+        stats = run_tirgen(run.out, engine, critic, problems, config, template, cot_solved)
+    kept = stats["kept_per_stage"]["balanced"]
+    say(f"tirgen: kept {kept} samples ({stats['cells_histogram']} cells per sample); see OUT/tirgen_stats.json")
+    record_stage(run, "tirgen", time.time() - started, kept=kept, cot_solved=len(cot_solved))
+
+
+def stage_sft(run: Run) -> None:
+    """Cold-start SFT of the base on the TIRGen data (observation tokens masked)."""
+    if run.resume and run.finished("sft"):
+        return say("sft: done already (OUT/sft), skipping")
+    path = run.out / "tirgen.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    if not records:
+        raise SystemExit(f"error: no TIRGen data in {path}: run --stage tirgen first (or it kept no samples)")
+    preset, started = run.preset, time.time()
+    model, tokenizer = load_policy(run, run.base_model(), trainable=True)
+    template = run.template(tokenizer)
+    examples = [tokenize_example(tokenizer, build_prompt(template, r["problem"], tools=True, tokenizer=tokenizer),
+                                 r["response"], train_on_outputs=preset.sft_train_on_outputs) for r in records]
+    held = max(1, min(200, len(examples) // 10))
+    say(f"sft: {len(examples) - held} TIRGen samples (+{held} held out for the loss), {preset.sft_epochs} epochs")
+    config = SFTConfig(lr=preset.sft_lr, epochs=preset.sft_epochs, batch_size=preset.sft_batch,
+                       micro_batch_tokens=preset.micro_batch_tokens, eval_every=20,
+                       checkpoint_every=preset.checkpoint_every,
+                       seed=run.seed, max_tokens=preset.rl_max_new_tokens + 1024)
+    summary = train_sft(model, tokenizer, examples[held:], examples[:held], config, log=run.log, stage="sft",
+                        checkpoint_dir=run.out / "checkpoints" / "sft", resume=run.resume)
+    save_policy(run, model, tokenizer, "sft")
+    say(f"sft: held-out loss {summary['first_eval_loss']:.3f} -> {summary['final_eval_loss']:.3f}")
+    record_stage(run, "sft", time.time() - started, **{k: summary[k] for k in ("first_eval_loss", "final_eval_loss", "steps")})
+
+
+def rl_config(run: Run, tools: bool, step_level: bool) -> RLConfig:
+    preset = run.preset
+    return RLConfig(prompts_per_step=preset.rl_prompts, group_size=preset.rl_group,
+                    max_new_tokens=preset.rl_max_new_tokens, tools=tools, step_level=step_level,
+                    step_suffix_tokens=preset.rl_step_suffix_tokens, step_max_new_tokens=preset.rl_step_max_new_tokens,
+                    min_response_tokens=preset.rl_min_response_tokens, minibatches=preset.rl_minibatches,
+                    micro_batch_tokens=preset.micro_batch_tokens, lr=preset.rl_lr, batch_size=preset.rollout_batch,
+                    seed=run.seed)
+
+
+def eval_problems(run: Run) -> dict[str, list[Problem]]:
+    """The evaluation sets: the tiny world's test split and held-out templates, or the preset's benchmarks."""
+    limit = run.preset.eval_problems
+    return {name: load_problems(name, limit=limit) for name in run.preset.benchmarks}
+
+
+def stage_rl(run: Run) -> None:
+    """Each RL variant of the run (trajectory-only, full hierarchical, and with --ablation plain-CoT RL)."""
+    variants = list(run.preset.rl_variants) + (["rl-cot"] if run.ablation and "rl-cot" not in run.preset.rl_variants else [])
+    for variant in variants:
+        if run.resume and run.finished(variant):
+            say(f"{variant}: done already, skipping")
+            continue
+        source, tools, step_level = RL_VARIANTS[variant]
+        start = str(run.model_dir(source)) if source == "sft" else run.base_model()
+        if source == "sft" and not run.finished("sft"):
+            raise SystemExit(f"error: {variant} starts from OUT/sft, which does not exist: run --stage sft first")
+        say(f"{variant}: {run.preset.rl_steps} steps from {source} (tools={'on' if tools else 'off'}, "
+            f"step level={'on' if step_level else 'off'})")
+        started = time.time()
+        model, tokenizer = load_policy(run, start, trainable=True)
+        problems = training_problems(run, 4096, salt=1)
+        quick_eval = list(eval_problems(run).values())[0][:64]
+        with make_sandbox(run) as sandbox:
+            engine = RolloutEngine(model, tokenizer, sandbox)
+            config = EvalConfig(samples=1, temperature=0.0, max_tool_calls=10 if tools else 0,
+                                max_new_tokens=run.preset.eval_max_new_tokens, batch_size=run.preset.rollout_batch)
+            evaluate_greedy = lambda: {"accuracy": evaluate(engine, quick_eval, run.template(tokenizer), config,
+                                                             tools=tools, desc=f"{variant}: greedy eval")[1]["accuracy"]}
+            last = run_rl(model, tokenizer, engine, problems, prompt_encoder(run, tokenizer, tools),
+                          rl_config(run, tools, step_level), run.preset.rl_steps, log=run.log, stage=variant,
+                          checkpoint_dir=run.out / "checkpoints" / variant, resume=run.resume,
+                          eval_every=run.preset.rl_eval_every, evaluate=evaluate_greedy,
+                          checkpoint_every=run.preset.rl_checkpoint_every)
+        save_policy(run, model, tokenizer, variant)
+        record_stage(run, variant, time.time() - started, final_reward=last.get("reward"))
+
+
+EVAL_ROWS = (  # (row name, model directory, tools, self-correction) -- THOR's ablation table
+    ("base-cot", "base", False, False),
+    ("cold-start", "sft", True, False),
+    ("traj-rl", "rl-traj", True, False),
+    ("step-rl", "rl", True, False),
+    ("self-correct", "rl", True, True),
+    ("cot-rl", "rl-cot", False, False),
+)
+
+
+def summarise_row(name: str, model_dir: str, tools: bool, self_correct: bool, per_benchmark: dict) -> dict:
+    """One table row: primary benchmarks averaged (tiny: the test split), "-heldout" sets separately."""
+    primary = {k: v for k, v in per_benchmark.items() if not k.endswith("-heldout")}
+    heldout = {k: v for k, v in per_benchmark.items() if k.endswith("-heldout")}
+
+    def mean(key, sets):
+        values = [s[key] for s in sets.values() if s[key] == s[key]]   # skip NaN
+        return sum(values) / len(values) if values else None
+
+    return {"name": name, "model": model_dir, "tools": tools, "self_correct": self_correct,
+            "accuracy": mean("accuracy", primary),
+            "ci95": [mean_bound(primary, 0), mean_bound(primary, 1)],
+            "cell_call_rate": mean("cell_call_rate", primary), "cell_pass_rate": mean("cell_pass_rate", primary),
+            "tokens": mean("tokens", primary), "pass_at_k": mean("pass_at_k", primary),
+            "maj_at_k": mean("maj_at_k", primary), "best_of_n": mean("best_of_n", primary),
+            "heldout_accuracy": mean("accuracy", heldout) if heldout else None,
+            "benchmarks": per_benchmark}
+
+
+def mean_bound(sets: dict, index: int) -> float:
+    """The average of the benchmarks' interval bounds (exact for one benchmark, an approximation for several)."""
+    return sum(s["ci95"][index] for s in sets.values()) / len(sets)
+
+
+def stage_eval(run: Run) -> dict:
+    """Evaluate every ablation row that has a model; write eval/*.jsonl, summary.json, report.md, ablation.png."""
+    from thor_min.report import write_report
+
+    preset, started = run.preset, time.time()
+    sets = eval_problems(run)
+    say(f"eval: {', '.join(f'{k} ({len(v)})' for k, v in sets.items())}, avg@{preset.eval_samples}")
+    (run.out / "eval").mkdir(parents=True, exist_ok=True)
+    rows, loaded = [], (None, None, None)
+    for name, model_dir, tools, self_correct in EVAL_ROWS:
+        if model_dir != "base" or run.is_tiny:
+            if not run.finished(model_dir):
+                say(f"eval: {name}: no OUT/{model_dir}, row skipped")
+                continue
+        location = run.base_model() if model_dir == "base" else str(run.model_dir(model_dir))
+        if loaded[0] != location:
+            loaded = (location, *load_policy(run, location, trainable=False))
+        _, model, tokenizer = loaded
+        config = EvalConfig(samples=preset.eval_samples, temperature=preset.eval_temperature,
+                            max_new_tokens=preset.eval_max_new_tokens, max_tool_calls=10 if tools else 0,
+                            self_correct=preset.self_correct if self_correct else 0,
+                            backtrack_tokens=preset.backtrack_tokens, batch_size=preset.rollout_batch, seed=run.seed)
+        per_benchmark = {}
+        with make_sandbox(run) as sandbox:
+            engine = RolloutEngine(model, tokenizer, sandbox)
+            for bench, problems in sets.items():
+                records, summary = evaluate(engine, problems, run.template(tokenizer), config, tools=tools,
+                                            desc=f"eval {name} / {bench}")
+                with (run.out / "eval" / f"{name}-{bench}.jsonl").open("w") as handle:
+                    handle.writelines(json.dumps(record_dict(r)) + "\n" for r in records)
+                per_benchmark[bench] = summary
+        rows.append(summarise_row(name, model_dir, tools, self_correct, per_benchmark))
+        say(f"eval: {name}: accuracy {rows[-1]['accuracy']:.3f}")
+    record_stage(run, "eval", time.time() - started)
+    stages = json.loads((run.out / "stages.json").read_text())
+    summary = {"rows": rows, "seconds": round(sum(s["seconds"] for s in stages.values()), 1),
+               "cores": os.cpu_count(), "stages": stages, "model": preset.model,
+               "samples": preset.eval_samples, "temperature": preset.eval_temperature}
+    (run.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_report(run.out, summary)
+    return summary
+
+
+def run_stages(run: Run, stage: str) -> None:
+    """Run one stage or, for "all", every stage in order."""
+    order = {"pretrain": stage_pretrain, "tirgen": stage_tirgen, "sft": stage_sft, "rl": stage_rl, "eval": stage_eval}
+    for name in (STAGES if stage == "all" else (stage,)):
+        order[name](run)

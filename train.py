@@ -1,0 +1,135 @@
+"""Train with THOR: pretrain (tiny world) -> TIRGen -> cold-start SFT -> hierarchical RL -> evaluation.
+
+    python train.py                          # the whole pipeline on the tiny world, ~10 minutes on 2 CPU cores
+    python train.py --ablation               # ... plus RL without tools (the paper's "RL w/o tools" row)
+    python train.py --model qwen-1.5b        # Qwen2.5-Math-1.5B on one 24 GB GPU (LoRA, checkpointing)
+    python train.py --stage rl --resume      # one stage; --resume continues an interrupted run
+
+Every default lives in thor_min/config.py (one preset per model alias); flags below override it.
+Outputs go to --out (default runs/<model>): metrics.jsonl, curves.png, report.md, summary.json, ablation.png.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+STAGE_CHOICES = ("all", "pretrain", "tirgen", "sft", "rl", "eval")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    run = parser.add_argument_group("run")
+    run.add_argument("--model", default="tiny", help="tiny, an alias (qwen-1.5b, qwen-7b, qwen3-1.7b, qwen3-8b), "
+                     "a hub id or a local directory (default: tiny)")
+    run.add_argument("--stage", default="all", choices=STAGE_CHOICES, help="which stage to run (default: all)")
+    run.add_argument("--out", type=Path, help="output directory (default: runs/<model>)")
+    run.add_argument("--resume", action="store_true", help="skip finished stages, continue from the last checkpoint")
+    run.add_argument("--overwrite", action="store_true", help="delete an existing run in --out and start over")
+    run.add_argument("--ablation", action="store_true", help="also run RL without tools (the cot-rl row)")
+    run.add_argument("--seed", type=int, default=0, help="seed for data order, sampling and init (default: 0)")
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
+    data = parser.add_argument_group("data")
+    data.add_argument("--train-data", help="TIRGen/RL problems: a .jsonl file, hf:OWNER/NAME[:SPLIT], or tiny")
+    data.add_argument("--benchmarks", nargs="+", help="evaluation sets (default: the preset's)")
+    data.add_argument("--eval-problems", type=int, help="problems per benchmark (default: all)")
+    memory = parser.add_argument_group("memory")
+    memory.add_argument("--lora-rank", type=int, help="LoRA rank, 0 = full fine-tuning")
+    memory.add_argument("--lora-alpha", type=float, help="LoRA alpha (scaling alpha / rank)")
+    memory.add_argument("--load-in-4bit", action="store_true", default=None, help="QLoRA: NF4 base weights")
+    memory.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                        help="recompute activations in backward (default: the preset's)")
+    memory.add_argument("--micro-batch-tokens", type=int, help="tokens per forward/backward pass")
+    run.add_argument("--checkpoint-every", type=int, help="optimiser steps between checkpoints")
+    pretrain = parser.add_argument_group("pretraining (tiny world)")
+    pretrain.add_argument("--pretrain-steps", type=int, help="optimiser steps of tiny-model pretraining")
+    tirgen = parser.add_argument_group("TIRGen")
+    tirgen.add_argument("--critic", help="rule, or an instruct model alias / hub id / directory")
+    tirgen.add_argument("--tirgen-problems", type=int, help="problems to generate data for")
+    tirgen.add_argument("--tirgen-attempts", type=int, help="actor-critic attempts per problem")
+    tirgen.add_argument("--code-filter", dest="tirgen_code_filter", choices=("library", "lines", "none"),
+                        help="code-quality rule: library call / control flow (paper), > 5 lines (code), none")
+    sft = parser.add_argument_group("cold-start SFT")
+    sft.add_argument("--sft-lr", type=float)
+    sft.add_argument("--sft-epochs", type=float)
+    sft.add_argument("--sft-train-on-outputs", action="store_true", default=None,
+                     help="also train on observation tokens (default: masked)")
+    rl = parser.add_argument_group("hierarchical RL")
+    rl.add_argument("--rl-steps", type=int)
+    rl.add_argument("--rl-prompts", type=int, help="prompts per RL step")
+    rl.add_argument("--group-size", dest="rl_group", type=int, help="samples per prompt (G)")
+    rl.add_argument("--rl-lr", type=float)
+    rl.add_argument("--rl-minibatches", type=int, help="optimiser steps per rollout batch (off-policy reuse)")
+    rl.add_argument("--no-step-level", action="store_true", help="trajectory-level RL only (ablation)")
+    rl.add_argument("--no-tools", action="store_true", help="plain chain-of-thought RL from the base (ablation)")
+    evaluation = parser.add_argument_group("evaluation")
+    evaluation.add_argument("--eval-samples", type=int, help="samples per problem (Avg@k)")
+    evaluation.add_argument("--self-correct", type=int, help="retries per failed cell at inference")
+    return parser.parse_args(argv)
+
+
+def build_run(args):
+    from thor_min.config import override, preset_for
+    from thor_min.pipeline import Run
+
+    preset = preset_for(args.model)
+    variants = preset.rl_variants
+    if args.no_tools:
+        variants = ("rl-cot",)
+    elif args.no_step_level:
+        variants = ("rl-traj",)
+    preset = override(preset, train_data=args.train_data, benchmarks=tuple(args.benchmarks) if args.benchmarks else None,
+                      eval_problems=args.eval_problems, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                      load_in_4bit=args.load_in_4bit, gradient_checkpointing=args.gradient_checkpointing,
+                      micro_batch_tokens=args.micro_batch_tokens, critic=args.critic,
+                      checkpoint_every=args.checkpoint_every, pretrain_steps=args.pretrain_steps,
+                      tirgen_problems=args.tirgen_problems, tirgen_attempts=args.tirgen_attempts,
+                      tirgen_code_filter=args.tirgen_code_filter, sft_lr=args.sft_lr, sft_epochs=args.sft_epochs,
+                      sft_train_on_outputs=args.sft_train_on_outputs, rl_steps=args.rl_steps,
+                      rl_prompts=args.rl_prompts, rl_group=args.rl_group, rl_lr=args.rl_lr,
+                      rl_minibatches=args.rl_minibatches, rl_variants=variants, eval_samples=args.eval_samples,
+                      self_correct=args.self_correct)
+    out = args.out or Path("runs") / args.model.strip("/").replace("/", "--")
+    return Run(preset=preset, out=out, seed=args.seed, device=args.device, resume=args.resume, ablation=args.ablation)
+
+
+def check_out_dir(args, out: Path) -> None:
+    """Never silently mix or destroy runs: a full run into a used directory needs --resume or --overwrite."""
+    import shutil
+
+    used = out.exists() and any(out.iterdir())
+    if used and args.overwrite:
+        shutil.rmtree(out)
+    elif used and args.stage == "all" and not args.resume:
+        raise SystemExit(f"error: {out} already holds a run: pass --resume to continue it, --overwrite to start "
+                         f"over, or --out DIR for a new one")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = args.out or Path("runs") / args.model.strip("/").replace("/", "--")
+    check_out_dir(args, out)
+    import torch
+
+    from thor_min.data import DataError
+    from thor_min.models import ModelLoadError, silence_library_logs
+    from thor_min.pipeline import run_stages
+
+    silence_library_logs()
+    try:
+        run_stages(build_run(args), args.stage)
+    except (ModelLoadError, DataError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except torch.OutOfMemoryError:
+        print("error: out of GPU memory: lower --rl-prompts, --group-size or --micro-batch-tokens, or use "
+              "--lora-rank 16 / --load-in-4bit / --gradient-checkpointing", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: continue with python train.py --resume --out {out} ...", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
