@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--samples", type=int, help="samples per problem (default: 4 for a benchmark, else 1)")
     sampling.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (default 0.6)")
     sampling.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0 = off)")
-    sampling.add_argument("--max-new-tokens", type=int, default=3200, help="completion tokens, outputs included")
+    sampling.add_argument("--max-new-tokens", type=int, default=3200, help="completion tokens, outputs included (default 3200)")
     sampling.add_argument("--batch-size", type=int, default=64, help="rows per forward pass (default 64)")
     sampling.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     tools = parser.add_argument_group("tools")
@@ -84,15 +84,16 @@ def load_problem_list(args):
     from thor_min.data import DataError, Problem, load_jsonl, load_problems
 
     if args.problems:
-        return [Problem(id=f"problem-{i}", question=text, answer="") for i, text in enumerate(args.problems)]
-    if args.data:
+        texts = args.problems[:args.limit] if args.limit is not None else args.problems
+        problems = [Problem(id=f"problem-{i}", question=text, answer="") for i, text in enumerate(texts)]
+    elif args.data:
         if not Path(args.data).is_file():
             raise DataError(f"no such file: {args.data}")
         problems = load_jsonl(Path(args.data), limit=args.limit)
     else:
         problems = load_problems(args.bench, limit=args.limit)
     if not problems:
-        raise DataError(f"no problems in {args.data or args.bench}")
+        raise DataError(f"no problems to solve in {args.data or args.bench or 'the command line'}")
     return problems
 
 
@@ -209,6 +210,8 @@ def write_jsonl(path: str, records: list[dict]) -> None:
 
 
 def run(args) -> int:
+    import torch
+
     from thor_min.evaluate import evaluate, record_dict
     from thor_min.models import TEMPLATES, ModelLoadError, detect_template, load_model, silence_library_logs
     from thor_min.rollout import RolloutEngine
@@ -217,6 +220,8 @@ def run(args) -> int:
     if args.template != "auto" and args.template not in TEMPLATES:
         raise ModelLoadError(f"unknown template {args.template!r}: choose auto, {', '.join(TEMPLATES)}")
     problems = load_problem_list(args)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device {args.device}: no CUDA device is available here (use --device cpu)")
     silence_library_logs()
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype, load_in_4bit=args.load_in_4bit)
     template = detect_template(args.model, tokenizer) if args.template == "auto" else args.template

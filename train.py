@@ -42,7 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     memory.add_argument("--micro-batch-tokens", type=int, help="tokens per forward/backward pass")
     run.add_argument("--checkpoint-every", type=int, help="optimiser steps between checkpoints")
     pretrain = parser.add_argument_group("pretraining (tiny world)")
-    pretrain.add_argument("--pretrain-steps", type=int, help="optimiser steps of tiny-model pretraining")
+    pretrain.add_argument("--pretrain-steps", type=int, help="length of the pretraining LR schedule (steps)")
+    pretrain.add_argument("--pretrain-max-steps", type=int, help="hard cap on pretraining steps")
     tirgen = parser.add_argument_group("TIRGen")
     tirgen.add_argument("--critic", help="rule, or an instruct model alias / hub id / directory")
     tirgen.add_argument("--tirgen-problems", type=int, help="problems to generate data for")
@@ -83,6 +84,7 @@ def build_run(args):
                       load_in_4bit=args.load_in_4bit, gradient_checkpointing=args.gradient_checkpointing,
                       micro_batch_tokens=args.micro_batch_tokens, critic=args.critic,
                       checkpoint_every=args.checkpoint_every, pretrain_steps=args.pretrain_steps,
+                      pretrain_max_steps=args.pretrain_max_steps,
                       tirgen_problems=args.tirgen_problems, tirgen_attempts=args.tirgen_attempts,
                       tirgen_code_filter=args.tirgen_code_filter, sft_lr=args.sft_lr, sft_epochs=args.sft_epochs,
                       sft_train_on_outputs=args.sft_train_on_outputs, rl_steps=args.rl_steps,

@@ -12,14 +12,6 @@ from thor_min.lora import apply_lora, lora_parameters, lora_state_dict
 from thor_min.optim import build_optimizer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and lose a lot when another process holds the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_qwen(seed: int = 0, hidden: int = 32, layers: int = 2) -> Qwen2ForCausalLM:
     config = Qwen2Config(vocab_size=64, hidden_size=hidden, intermediate_size=64, num_hidden_layers=layers,

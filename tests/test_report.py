@@ -22,13 +22,13 @@ TOOLS_VS_COT = "Tool-integrated reasoning"
 def test_non_overlapping_intervals_read_clearly_above():
     text = reading([row("base-cot", 0.20, (0.15, 0.25)), row("cold-start", 0.50, (0.44, 0.56))])
     line = claim_line(text, TOOLS_VS_COT)
-    assert "clearly above (+30.0 points)" in line, line
+    assert "clearly above (+30.0 points, the intervals do not overlap)" in line, line
 
 
 def test_overlapping_intervals_read_within_noise():
     text = reading([row("base-cot", 0.40, (0.30, 0.50)), row("cold-start", 0.45, (0.35, 0.55))])
     line = claim_line(text, TOOLS_VS_COT)
-    assert "within noise above (+5.0 points)" in line and "clearly" not in line, line
+    assert "above, but within noise (+5.0 points, the intervals overlap)" in line and "clearly" not in line, line
 
 
 def test_lower_accuracy_reads_not_above():

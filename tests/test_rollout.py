@@ -21,7 +21,7 @@ from thor_min.bench.rollout import fit_texts
 from thor_min.kvcache import RolloutCache
 from thor_min.rollout import RolloutEngine, RolloutRequest, SamplingConfig, sample_tokens
 from thor_min.sandbox import ExecResult, Sandbox
-from thor_min.trajectory import observation_block, split_segments
+from thor_min.trajectory import observation_block
 
 ANSWERS = {
     "A": "```python\nprint(2 + 3)\n```\n```output\n5\n```\nSo \\boxed{5}.",
@@ -38,18 +38,6 @@ def prompt_text(name: str) -> str:
     return f"Question: {name}\nAnswer:\n"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and two threads crawl on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny.build_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -244,3 +244,12 @@ def test_an_impossible_request_gives_up_after_a_bounded_number_of_draws(monkeypa
     monkeypatch.setattr(tasks, "HELDOUT_TEMPLATES", (tasks.Template("single", counted),))
     with pytest.raises(ValueError, match="distinct"):
         tasks.generate_problems("heldout", 10_000)
+
+
+def test_restates_question_checks_the_first_statement_only():
+    problem = tasks.train_split(1)[0]
+    first = problem.reference.split("\n")[0].split(" = ")[0]
+    assert tasks.restates_question(problem, f"{first} = 12345.\nThe answer is \\boxed{{1}}."), \
+        "copying the operands is enough, whatever the arithmetic says"
+    assert not tasks.restates_question(problem, "1 * 2 = 2.\nThe answer is \\boxed{2}."), \
+        "wrong operands do not restate the question"

@@ -18,10 +18,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from thor_min import models, tasks, tiny
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny.build_tokenizer()
-
 
 @pytest.fixture(scope="module")
 def model(tokenizer):

@@ -22,18 +22,6 @@ SIZE = tiny.TinyModelSize(hidden_size=64, num_layers=2, intermediate_size=128, n
 FENCE = "```"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and lose a lot when another process holds the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny.build_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from thor_min.trajectory import FenceTracker, Rollout, Cell, extract_cells, observation_block, split_segments
+from thor_min.trajectory import Cell, FenceTracker, Rollout, extract_cells, observation_block, split_segments
 
 TRAJECTORY = ("Let me compute.\n```python\nprint(6 * 7)\n```\n```output\n42\n```\n"
               "Then add one.\n```python\nx = 42\nprint(x + 1)\n```\n```output\n43\n```\nSo \\boxed{43}.")

@@ -20,10 +20,12 @@ class Preset:
     benchmarks: tuple[str, ...] = ("math500", "aime24", "amc23", "minerva", "olympiadbench")
     critic: str = "qwen3-32b"         # "rule" (tiny world) or an LLM critic alias / hub id / directory
     # pretraining (tiny world only)
-    pretrain_steps: int = 0
+    pretrain_steps: int = 0           # length of the cosine learning-rate schedule
+    pretrain_max_steps: int = 0       # hard cap (training continues at the final LR until the format target)
     pretrain_lr: float = 2e-3
     pretrain_batch: int = 32
-    pretrain_code_fraction: float = 0.1   # stand-alone python snippets in the corpus (never solutions)
+    pretrain_format_target: float = 0.8   # stop once the base restates this share of held-out questions
+    pretrain_check_every: int = 250
     # TIRGen
     tirgen_problems: int = 4000
     tirgen_attempts: int = 8
@@ -71,11 +73,11 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(
         model="tiny", template="tiny", train_data="tiny", benchmarks=("tiny", "tiny-heldout"), critic="rule",
-        pretrain_steps=1500, pretrain_lr=2e-3, pretrain_batch=32,
-        tirgen_problems=1200, tirgen_attempts=4, tirgen_step_tokens=48, tirgen_delimiter="\n",
+        pretrain_steps=1500, pretrain_max_steps=3000, pretrain_lr=2e-3, pretrain_batch=32,
+        tirgen_problems=2000, tirgen_attempts=4, tirgen_step_tokens=48, tirgen_delimiter="\n",
         tirgen_temperature=0.7, tirgen_code_filter="none",
-        sft_lr=1e-3, sft_epochs=3.0, sft_batch=32,
-        rl_variants=("rl-traj", "rl"), rl_steps=60, rl_prompts=8, rl_group=8, rl_lr=5e-5, rl_minibatches=2, rl_max_new_tokens=160,
+        sft_lr=1e-3, sft_epochs=40.0, sft_batch=32,
+        rl_variants=("rl-traj", "rl"), rl_steps=100, rl_prompts=8, rl_group=8, rl_lr=1e-4, rl_minibatches=2, rl_max_new_tokens=160,
         rl_min_response_tokens=8, rl_step_suffix_tokens=8, rl_step_max_new_tokens=64, rl_eval_every=20,
         eval_samples=4, eval_temperature=0.6, eval_max_new_tokens=160, eval_problems=None,
         self_correct=4, backtrack_tokens=8,

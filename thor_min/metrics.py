@@ -16,8 +16,8 @@ from thor_min.plot import Panel, save_line_panels
 
 # Panels in display order (metrics missing from the file are skipped; others are appended after).
 PREFERRED_PANELS = (
-    "loss", "eval_loss", "reward", "accuracy", "cell_call_rate", "cell_pass_rate", "step_pass_rate",
-    "clip_frac_high", "clip_frac_low", "approx_kl_old", "entropy", "tokens_per_s", "lr",
+    "loss", "eval_loss", "restate_rate", "reward", "accuracy", "eval_accuracy", "cell_call_rate", "cell_pass_rate",
+    "step_pass_rate", "clip_frac_high", "clip_frac_low", "approx_kl_old", "entropy", "tokens_per_s", "lr",
 )
 SKIPPED_KEYS = {"stage", "step", "time"}
 

@@ -32,7 +32,7 @@ from thor_min.evaluate import EvalConfig, evaluate, record_dict
 from thor_min.metrics import MetricsLog
 from thor_min.models import build_prompt, detect_template, load_model, save_model_dir, write_metadata
 from thor_min.rl import RLConfig, run_rl
-from thor_min.rollout import RolloutEngine
+from thor_min.rollout import RolloutEngine, RolloutRequest, SamplingConfig
 from thor_min.sandbox import Sandbox
 from thor_min.sft import SFTConfig, TokenizedExample, tokenize_example, train_sft
 from thor_min.tirgen import LLMCritic, RuleCritic, TIRGenConfig, run_tirgen
@@ -142,15 +142,26 @@ def record_stage(run: Run, stage: str, seconds: float, **facts) -> None:
     path.write_text(json.dumps(stages, indent=2) + "\n")
 
 
-def full_text_examples(tokenizer, problems: list[Problem], snippets: list[str] = ()) -> list[TokenizedExample]:
-    """Pretraining examples: prompt + plain reference (and stand-alone code snippets), every token trained."""
-    pairs = [(build_prompt("tiny", p.question, tools=False), p.reference) for p in problems]
-    pairs += [("", snippet) for snippet in snippets]
+def full_text_examples(tokenizer, problems: list[Problem]) -> list[TokenizedExample]:
+    """Pretraining examples: prompt + plain reference, every token trained (a language-model corpus)."""
     examples = []
-    for prompt, text in pairs:
-        example = tokenize_example(tokenizer, prompt, text)
+    for problem in problems:
+        example = tokenize_example(tokenizer, build_prompt("tiny", problem.question, tools=False), problem.reference)
         examples.append(TokenizedExample(example.ids, [1] * len(example.ids)))
     return examples
+
+
+def format_monitor(model, tokenizer, problems: list[Problem]):
+    """A callable returning {"restate_rate": ...}: how often greedy answers copy the question's numbers."""
+    engine = RolloutEngine(model, tokenizer)
+    requests = [RolloutRequest(tokenizer.encode(build_prompt("tiny", p.question, tools=False))) for p in problems]
+    config = SamplingConfig(max_new_tokens=48, temperature=0.0, max_tool_calls=0, batch_size=len(problems))
+
+    def monitor() -> dict:
+        rollouts = engine.generate(requests, config)
+        return {"restate_rate": sum(tasks.restates_question(p, r.text) for p, r in zip(problems, rollouts)) / len(problems)}
+
+    return monitor
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,29 +169,38 @@ def full_text_examples(tokenizer, problems: list[Problem], snippets: list[str] =
 
 
 def stage_pretrain(run: Run) -> None:
-    """Tiny world only: build tokenizer + model, pretrain on the plain chain-of-thought corpus."""
+    """Tiny world only: build tokenizer + model, pretrain on the plain chain-of-thought corpus.
+
+    The learning rate follows a cosine over `pretrain_steps`; training stops once the base restates held-out
+    questions (copies their numbers into its first line) at least `pretrain_format_target` of the time,
+    checked every `pretrain_check_every` steps, and otherwise goes on at the final learning rate up to
+    `pretrain_max_steps`. Copying emerges abruptly and its onset varies with the seed, so a format criterion
+    gives every seed a base that knows the format (but still cannot multiply) without a fixed long budget.
+    """
     if not run.is_tiny:
         return say("pretrain: skipped (real models start from their pretrained weights)")
     if run.resume and run.finished("base"):
         return say("pretrain: done already (OUT/base), skipping")
     preset, started = run.preset, time.time()
-    say(f"pretrain: tiny Qwen2 model on plain chain-of-thought (+{preset.pretrain_code_fraction:.0%} stand-alone "
-        f"code snippets), {preset.pretrain_steps} steps")
+    say(f"pretrain: tiny Qwen2 model on plain chain-of-thought, until it restates {preset.pretrain_format_target:.0%} "
+        f"of held-out questions (at most {preset.pretrain_max_steps} steps)")
     torch.manual_seed(run.seed)
     tokenizer = tiny.build_tokenizer()
     model = tiny.build_model(tokenizer, seed=run.seed)
-    documents = preset.pretrain_steps * preset.pretrain_batch
-    snippets = tasks.code_snippets(int(documents * preset.pretrain_code_fraction), seed=run.seed)
-    corpus = training_problems(run, documents - len(snippets), salt=2)
-    held_out = full_text_examples(tokenizer, tasks.test_split(64, seed=tasks.DEFAULT_SEED + run.seed))
-    config = SFTConfig(lr=preset.pretrain_lr, max_steps=preset.pretrain_steps, batch_size=preset.pretrain_batch,
-                       schedule="cosine", warmup_steps=50, weight_decay=0.1, eval_every=250,
-                       checkpoint_every=preset.checkpoint_every,
-                       micro_batch_tokens=preset.micro_batch_tokens, seed=run.seed)
-    summary = train_sft(model, tokenizer, full_text_examples(tokenizer, corpus, snippets), held_out, config, log=run.log,
-                        stage="pretrain", checkpoint_dir=run.out / "checkpoints" / "pretrain", resume=run.resume)
+    corpus = training_problems(run, min(preset.pretrain_max_steps * preset.pretrain_batch, 40_000), salt=2)
+    held_out = tasks.test_split(64, seed=tasks.DEFAULT_SEED + run.seed)
+    config = SFTConfig(lr=preset.pretrain_lr, max_steps=preset.pretrain_max_steps, schedule_steps=preset.pretrain_steps,
+                       batch_size=preset.pretrain_batch,
+                       schedule="cosine", warmup_steps=50, weight_decay=0.1, eval_every=preset.pretrain_check_every,
+                       checkpoint_every=preset.checkpoint_every, micro_batch_tokens=preset.micro_batch_tokens,
+                       seed=run.seed)
+    summary = train_sft(model, tokenizer, full_text_examples(tokenizer, corpus), full_text_examples(tokenizer, held_out),
+                        config, log=run.log, stage="pretrain", checkpoint_dir=run.out / "checkpoints" / "pretrain",
+                        resume=run.resume, monitor=format_monitor(model, tokenizer, held_out),
+                        stop_when=lambda row: row["restate_rate"] >= preset.pretrain_format_target)
     save_policy(run, model, tokenizer, "base")
-    record_stage(run, "pretrain", time.time() - started, eval_loss=summary["final_eval_loss"])
+    say(f"pretrain: stopped after {summary['steps']} steps, held-out loss {summary['final_eval_loss']:.3f}")
+    record_stage(run, "pretrain", time.time() - started, steps=summary["steps"], eval_loss=summary["final_eval_loss"])
 
 
 def solved_by_cot(engine, problems: list[Problem], template: str, max_new_tokens: int, batch_size: int) -> set[str]:

@@ -58,8 +58,10 @@ def _claim(rows: dict, new: str, old: str, what: str) -> str | None:
         return None
     a, b = rows[new], rows[old]
     diff = 100 * (a["accuracy"] - b["accuracy"])
-    if diff > 0:
-        verdict = f"{_compare(a, b)} above ({diff:+.1f} points)"
+    if diff > 0 and _compare(a, b) == "clearly":
+        verdict = f"clearly above ({diff:+.1f} points, the intervals do not overlap)"
+    elif diff > 0:
+        verdict = f"above, but within noise ({diff:+.1f} points, the intervals overlap)"
     else:
         verdict = f"not above ({diff:+.1f} points{'' if _compare(b, a) == 'within noise' else ', clearly below'})"
     return f"- {what}: {new} {_pct(a['accuracy'])}% vs {old} {_pct(b['accuracy'])}%: {verdict}."

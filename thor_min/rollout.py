@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import torch
 
 from thor_min.kvcache import RolloutCache, attention_bias
+from thor_min.sampling import sample_tokens
 from thor_min.trajectory import Cell, FenceTracker, Rollout, observation_block
 
 COMPACT_MIN_ROWS = 8          # drop finished rows only from batches at least this big
@@ -121,9 +122,8 @@ class RolloutEngine:
     def generate(self, requests: list[RolloutRequest], config: SamplingConfig, *, seed: int = 0,
                  progress=None) -> list[Rollout]:
         """Rollouts for every request, `samples` each, in request order. `progress(n)` is called per batch."""
-        if config.parses_fences:
-            if self.sandbox is None:
-                raise ValueError("tool calls need a sandbox: pass sandbox=Sandbox(...) or max_tool_calls=0")
+        if config.parses_fences and self.sandbox is None:
+            raise ValueError("tool calls need a sandbox: pass sandbox=Sandbox(...) or max_tool_calls=0")
         results: list[Rollout] = []
         with concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="cells") as cell_runner:
             for batch in _batches(requests, config.batch_size):
@@ -142,7 +142,7 @@ class RolloutEngine:
             self._sample_step(rows, logits, config)
             self._submit_cells(rows, cell_runner)
             self._collect_cells(rows, config, block=False)
-            while any(row.cell_result for row in rows) and not any(row.to_feed for row in rows if not row.done):
+            while not any(row.to_feed for row in rows if not row.done) and any(row.cell_result for row in rows):
                 self._collect_cells(rows, config, block=True)         # nothing else to do: wait for a cell
             live = [i for i, row in enumerate(rows) if not row.done]
             if not live:
@@ -190,7 +190,7 @@ class RolloutEngine:
             capacity = int(cache.capacity * 1.5) + 16
             cache.grow(capacity)
             column_mask = torch.cat([column_mask, column_mask.new_zeros(len(rows), capacity - column_mask.shape[1])], 1)
-        tokens, positions, live = [self.pad_id] * len(rows), [0] * len(rows), []
+        tokens, positions, fed = [self.pad_id] * len(rows), [0] * len(rows), [False] * len(rows)
         for i, row in enumerate(rows):
             if row.stale_columns:                               # discarded by a rollback
                 column_mask[i, row.stale_columns] = False
@@ -199,11 +199,11 @@ class RolloutEngine:
                 tokens[i] = row.to_feed.popleft()
                 positions[i] = len(row.columns)                 # a token's position = its index in the row
                 row.columns.append(column)
-                live.append(i)
-        column_mask[live, column] = True
+                fed[i] = True
         device = self.model.device
-        out = self.model(input_ids=torch.tensor(tokens, device=device)[:, None],
-                         position_ids=torch.tensor(positions, device=device)[:, None], cache=cache, use_cache=True,
+        column_mask[:, column] = torch.tensor(fed, device=device)
+        inputs = torch.tensor([tokens, positions], device=device)[:, :, None]          # [2, B, 1]
+        out = self.model(input_ids=inputs[0], position_ids=inputs[1], cache=cache, use_cache=True,
                          attention_mask=attention_bias(column_mask[:, :column + 1], 1, self.model.dtype))
         return out.logits[:, -1].float(), column_mask
 
@@ -349,40 +349,6 @@ class RolloutEngine:
 
 # ----------------------------------------------------------------------------------------------
 # Helpers
-
-
-def sample_tokens(logits: torch.Tensor, config: SamplingConfig, generator=None, *,
-                  uniform: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one token per row of `logits [N, V]`; return (tokens [N], log-probs [N]).
-
-    `uniform [N]` (values in [0, 1)) picks each row's token by inverse CDF; without it they are drawn from
-    `generator`. The log-prob is under softmax(logits / T) (T = 1 for greedy), before any top-k/top-p truncation.
-    """
-    temperature = config.temperature if config.temperature > 0 else 1.0
-    logprobs = torch.log_softmax(logits / temperature, dim=-1)                          # [N, V]
-    if config.temperature <= 0:
-        tokens = logits.argmax(dim=-1)
-    else:
-        filtered = logprobs
-        if config.top_k > 0:
-            kth = filtered.topk(min(config.top_k, filtered.shape[-1]), dim=-1).values[:, -1:]
-            filtered = filtered.masked_fill(filtered < kth, float("-inf")).log_softmax(dim=-1)
-        if config.top_p < 1.0:   # keep the most likely tokens until their mass reaches top_p (of what top-k kept)
-            sorted_lp, order = filtered.sort(dim=-1, descending=True)
-            mass_before = sorted_lp.exp().cumsum(dim=-1) - sorted_lp.exp()
-            drop = mass_before >= config.top_p
-            drop[:, 0] = False                                                   # the top token always stays
-            filtered = filtered.scatter(1, order, sorted_lp.masked_fill(drop, float("-inf")))
-        # inverse-CDF sampling: one uniform per row (much cheaper on CPU than multinomial or Gumbel noise).
-        # u < total strictly and a right-sided search land on a token with probability > 0, never a dropped one.
-        cdf = filtered.exp().cumsum(dim=-1)                                           # [N, V]
-        total = cdf[:, -1:]
-        if uniform is None:
-            uniform = torch.rand(cdf.shape[0], generator=generator, device=cdf.device)
-        uniform = uniform.to(cdf.dtype)[:, None] * total
-        uniform = torch.minimum(uniform, torch.nextafter(total, torch.zeros_like(total)))
-        tokens = torch.searchsorted(cdf, uniform, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
-    return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
 
 def _ends_in_stop(tracker: FenceTracker, piece: str, stop_strings) -> bool:

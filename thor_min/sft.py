@@ -35,6 +35,7 @@ class SFTConfig:
     lr: float = 2e-6                 # THOR: constant 2e-6 for full fine-tuning of 1.5B/7B
     epochs: float = 3.0              # THOR code: 3 epochs at batch 128 (paper: 1 epoch at 256)
     max_steps: int | None = None     # overrides epochs when set
+    schedule_steps: int | None = None  # length of the LR schedule (default: the run); later steps keep the final LR
     batch_size: int = 128            # sequences per optimiser step
     micro_batch_tokens: int = 16384  # tokens per forward/backward (padding included)
     schedule: str = "constant"
@@ -105,8 +106,13 @@ def evaluate_loss(model, examples: list[TokenizedExample], pad_id: int, max_toke
 
 
 def train_sft(model, tokenizer, train: list[TokenizedExample], held_out: list[TokenizedExample], config: SFTConfig,
-              *, log, stage: str = "sft", checkpoint_dir: Path | None = None, resume: bool = False) -> dict:
-    """Train `model` in place; log `loss`/`eval_loss` per step to `log` (a MetricsLog). Returns a summary."""
+              *, log, stage: str = "sft", checkpoint_dir: Path | None = None, resume: bool = False,
+              monitor=None, stop_when=None) -> dict:
+    """Train `model` in place; log `loss`/`eval_loss` per step to `log` (a MetricsLog). Returns a summary.
+
+    At every eval point, `monitor()` (optional, run in eval mode) returns extra metrics to log, and
+    `stop_when(row)` (optional) may end training early given the logged row.
+    """
     kept = [e for e in train if len(e.ids) <= config.max_tokens]
     if not kept:
         raise ValueError(f"{stage}: no training examples (of {len(train)}) fit in {config.max_tokens} tokens")
@@ -131,7 +137,7 @@ def train_sft(model, tokenizer, train: list[TokenizedExample], held_out: list[To
     for step in bar:
         epoch, position = divmod(step, steps_per_epoch)
         indices = _batches(kept, config.batch_size, epoch, config.seed)[position]
-        lr = scheduled_lr(config.lr, step, total_steps, config.warmup_steps, config.schedule)
+        lr = scheduled_lr(config.lr, step, config.schedule_steps or total_steps, config.warmup_steps, config.schedule)
         set_lr(optimizer, lr)
         num_targets = sum(sum(kept[i].loss_mask[1:]) for i in indices)
         loss_value = 0.0
@@ -145,14 +151,30 @@ def train_sft(model, tokenizer, train: list[TokenizedExample], held_out: list[To
         row = {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "skipped_updates": skipped,
                "tokens_per_s": tokens_seen / max(time.time() - started, 1e-9)}
         done = step + 1 == total_steps
-        if held_out and ((step + 1) % config.eval_every == 0 or done):
-            row["eval_loss"] = eval_loss = evaluate_loss(model, held_out, pad_id, config.micro_batch_tokens)
+        if (step + 1) % config.eval_every == 0 or done:
+            if held_out:
+                row["eval_loss"] = eval_loss = evaluate_loss(model, held_out, pad_id, config.micro_batch_tokens)
+            if monitor is not None:
+                row.update(_monitored(model, monitor))
+            done = done or (stop_when is not None and stop_when(row))
         log.log(stage, step + 1, **row)
         bar.set_postfix(loss=f"{loss_value:.3f}", eval=f"{eval_loss:.3f}")
         if checkpoint_dir is not None and ((step + 1) % config.checkpoint_every == 0 or done):
             save_checkpoint(checkpoint_dir, model=model, optimizer=optimizer, step=step + 1, state={"skipped": skipped})
+        if done:
+            break
     model.eval()
     log.plot()
-    return {"steps": total_steps, "examples": len(kept), "dropped_long": len(train) - len(kept),
+    return {"steps": step + 1 if total_steps > start_step else total_steps, "examples": len(kept),
+            "dropped_long": len(train) - len(kept),
             "first_eval_loss": first_eval, "final_eval_loss": eval_loss, "skipped_updates": skipped,
             "seconds": time.time() - started}
+
+
+def _monitored(model, monitor) -> dict:
+    """Call `monitor()` with the model in eval mode, then return to training."""
+    model.eval()
+    try:
+        return monitor()
+    finally:
+        model.train()

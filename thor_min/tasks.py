@@ -193,22 +193,32 @@ def statement_code(expression: str) -> str | None:
     return None
 
 
-def code_snippets(n: int, seed: int = DEFAULT_SEED) -> list[str]:
-    """Stand-alone python cells with their real output, for the base model's pretraining corpus.
+def notebook_snippets(n: int, seed: int = DEFAULT_SEED) -> list[str]:
+    """Stand-alone notebook snippets: a python cell, its real output, and a line restating the result.
 
-    A real base LLM has seen code and notebook outputs, just never *this* problem solved with them. The
-    snippets give the tiny base the same footing: it knows what a cell and an output block look like, so a
-    context with tool calls (TIRGen's actor) is not out of distribution. The output block is rendered the
-    way the runtime renders it (trajectory.observation_block's format).
+    Real base models have seen code and notebooks in pretraining, though not these problems solved with
+    them. The tiny base sees these snippets only in a short annealing phase at the end of pretraining
+    (`pipeline.stage_pretrain`), so that a context containing cells and output blocks (TIRGen's actor
+    continuing a rewritten chunk) is not foreign to it. A snippet never contains a question or an answer.
     """
     rng = random.Random(f"{seed}-snippets")
     snippets = []
     while len(snippets) < n:
         _, statements = rng.choice(TEMPLATES).generate(rng)
         statement = rng.choice(statements)
-        code = statement_code(statement.expression)
-        snippets.append(f"```python\n{code}\n```\n```output\n{statement.value}\n```\n")
+        snippets.append(f"```python\n{statement_code(statement.expression)}\n```\n```output\n{statement.value}\n```\n"
+                        f"{statement.expression} = {statement.value}.\n")
     return snippets
+
+
+def restates_question(problem: Problem, response: str) -> bool:
+    """Does the response's first line state the problem's first computation (operands copied right)?
+
+    A format check, not a correctness check: the tiny base is pretrained until it copies the numbers of a
+    question into its first statement (its arithmetic may still be wrong, as a real base model's is).
+    """
+    expected = problem.reference.split("\n", 1)[0].split(" = ", 1)[0]
+    return response.split("\n", 1)[0].split(" = ", 1)[0] == expected
 
 
 # ----------------------------------------------------------------------------------------------

@@ -78,7 +78,7 @@ def fit_texts(model, tokenizer, texts: list[str], *, steps: int = 150, lr: float
     return float(loss.detach())
 
 
-def tool_answers(count: int, seed: int = 0, long_words: int = 24) -> list[tuple[str, str]]:
+def tool_answers(count: int, seed: int = 0, long_words: int = 48) -> list[tuple[str, str]]:
     """(prompt, answer) pairs: answer k has 3 or 4 cells, each after a reasoning line.
 
     One reasoning line of each answer is long (`long_words` words), at a different cell for different answers, the
@@ -223,7 +223,7 @@ def parse_args(argv):
     tools = parser.add_argument_group("tool-integrated rollouts (b)")
     tools.add_argument("--patterns", type=int, default=4, help="distinct tool-using answers (prompts) to train")
     tools.add_argument("--tool-samples", type=int, default=16, help="rows per pattern (rows = patterns * this)")
-    tools.add_argument("--long-words", type=int, default=24, help="words of each answer's one long reasoning line "
+    tools.add_argument("--long-words", type=int, default=48, help="words of each answer's one long reasoning line "
                        "(1 = all lines short: rows stay in lockstep, the transformers loop's best case)")
     tools.add_argument("--train-steps", type=int, default=150, help="training steps for the tool pattern")
     tools.add_argument("--tool-new-tokens", type=int, default=320, help="max new tokens per tool rollout")
