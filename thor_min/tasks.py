@@ -193,24 +193,6 @@ def statement_code(expression: str) -> str | None:
     return None
 
 
-def notebook_snippets(n: int, seed: int = DEFAULT_SEED) -> list[str]:
-    """Stand-alone notebook snippets: a python cell, its real output, and a line restating the result.
-
-    Real base models have seen code and notebooks in pretraining, though not these problems solved with
-    them. The tiny base sees these snippets only in a short annealing phase at the end of pretraining
-    (`pipeline.stage_pretrain`), so that a context containing cells and output blocks (TIRGen's actor
-    continuing a rewritten chunk) is not foreign to it. A snippet never contains a question or an answer.
-    """
-    rng = random.Random(f"{seed}-snippets")
-    snippets = []
-    while len(snippets) < n:
-        _, statements = rng.choice(TEMPLATES).generate(rng)
-        statement = rng.choice(statements)
-        snippets.append(f"```python\n{statement_code(statement.expression)}\n```\n```output\n{statement.value}\n```\n"
-                        f"{statement.expression} = {statement.value}.\n")
-    return snippets
-
-
 def restates_question(problem: Problem, response: str) -> bool:
     """Does the response's first line state the problem's first computation (operands copied right)?
 
