@@ -40,6 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     memory.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                         help="recompute activations in backward (default: the preset's)")
     memory.add_argument("--micro-batch-tokens", type=int, help="tokens per forward/backward pass")
+    memory.add_argument("--rollout-batch", type=int, help="sampled rows per forward in rollouts (KV cache size)")
+    memory.add_argument("--max-new-tokens", type=int, help="response length in RL and evaluation (KV cache size)")
     run.add_argument("--checkpoint-every", type=int, help="optimiser steps between checkpoints")
     pretrain = parser.add_argument_group("pretraining (tiny world)")
     pretrain.add_argument("--pretrain-steps", type=int, help="length of the pretraining LR schedule (steps)")
@@ -82,7 +84,8 @@ def build_run(args):
     preset = override(preset, train_data=args.train_data, benchmarks=tuple(args.benchmarks) if args.benchmarks else None,
                       eval_problems=args.eval_problems, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                       load_in_4bit=args.load_in_4bit, gradient_checkpointing=args.gradient_checkpointing,
-                      micro_batch_tokens=args.micro_batch_tokens, critic=args.critic,
+                      micro_batch_tokens=args.micro_batch_tokens, rollout_batch=args.rollout_batch,
+                      rl_max_new_tokens=args.max_new_tokens, eval_max_new_tokens=args.max_new_tokens, critic=args.critic,
                       checkpoint_every=args.checkpoint_every, pretrain_steps=args.pretrain_steps,
                       pretrain_max_steps=args.pretrain_max_steps,
                       tirgen_problems=args.tirgen_problems, tirgen_attempts=args.tirgen_attempts,
@@ -124,7 +127,7 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except torch.OutOfMemoryError:
-        print("error: out of GPU memory: lower --rl-prompts, --group-size or --micro-batch-tokens, or use "
+        print("error: out of GPU memory: lower --rollout-batch, --max-new-tokens or --micro-batch-tokens, or use "
               "--lora-rank 16 / --load-in-4bit / --gradient-checkpointing", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from thor_min import lora
+from thor_min.models import load_model
 
 VOCAB = 300
 NUM_LAYERS = 2
@@ -269,9 +270,16 @@ def bnb_ok():
 
 
 @pytest.fixture
-def checkpoint_dir(tmp_path):
+def checkpoint_dir(tmp_path, tokenizer):
     tiny_model().save_pretrained(str(tmp_path / "base"))
+    tokenizer.save_pretrained(str(tmp_path / "base"))
     return tmp_path / "base"
+
+
+def load_4bit(path, compute_dtype):
+    """The product's 4-bit path: models.load_model(..., load_in_4bit=True) on the CPU."""
+    dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[compute_dtype]
+    return load_model(str(path), device="cpu", dtype=dtype, load_in_4bit=True)[0]
 
 
 def test_bnb_4bit_config_is_nf4_double_quant():
@@ -282,7 +290,7 @@ def test_bnb_4bit_config_is_nf4_double_quant():
 
 
 def test_load_in_4bit_quantises_the_projections_only(bnb_ok, checkpoint_dir):
-    model = lora.load_in_4bit(checkpoint_dir, compute_dtype=torch.float32)
+    model = load_4bit(checkpoint_dir, torch.float32)
     quantized = [name for name, module in model.named_modules() if lora._is_4bit(module)]
     assert len(quantized) == 7 * NUM_LAYERS, f"expected 14 Linear4bit, got {quantized}"
     assert not lora._is_4bit(model.lm_head), "the tied lm_head must stay dense"
@@ -291,7 +299,7 @@ def test_load_in_4bit_quantises_the_projections_only(bnb_ok, checkpoint_dir):
 
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
 def test_qlora_backward_reaches_lora_only(bnb_ok, checkpoint_dir, compute_dtype):
-    model = lora.load_in_4bit(checkpoint_dir, compute_dtype=compute_dtype)
+    model = load_4bit(checkpoint_dir, compute_dtype)
     lora.apply_lora(model, rank=4, alpha=8)
     logits = model(input_ids()).logits
     logits.float().logsumexp(-1).mean().backward()
@@ -304,7 +312,7 @@ def test_qlora_backward_reaches_lora_only(bnb_ok, checkpoint_dir, compute_dtype)
 
 
 def test_qlora_training_steps_reduce_the_loss(bnb_ok, checkpoint_dir):
-    model = lora.load_in_4bit(checkpoint_dir, compute_dtype=torch.float32)
+    model = load_4bit(checkpoint_dir, torch.float32)
     lora.apply_lora(model, rank=4, alpha=8)
     optimizer = torch.optim.AdamW(lora.lora_parameters(model), lr=1e-2)
     ids = input_ids()
@@ -320,7 +328,7 @@ def test_qlora_training_steps_reduce_the_loss(bnb_ok, checkpoint_dir):
 
 @pytest.mark.parametrize("compute_dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 0.03)])
 def test_qlora_export_matches_adapter_path(bnb_ok, checkpoint_dir, tmp_path, compute_dtype, tolerance):
-    model = lora.load_in_4bit(checkpoint_dir, compute_dtype=compute_dtype)
+    model = load_4bit(checkpoint_dir, compute_dtype).train()   # train mode: bnb's exact dequantising path
     lora.apply_lora(model, rank=4, alpha=8)
     randomise_adapters(model)
     adapted = model(input_ids()).logits.float()
@@ -331,8 +339,18 @@ def test_qlora_export_matches_adapter_path(bnb_ok, checkpoint_dir, tmp_path, com
     assert error <= tolerance * max(1.0, adapted.abs().max().item()), f"merged dense vs 4-bit adapter path: {error}"
 
 
+def test_dense_weight_survives_bnb_cpu_repacking(bnb_ok, checkpoint_dir):
+    model = load_4bit(checkpoint_dir, torch.float32)          # eval mode, as for rollouts
+    linear = model.model.layers[0].self_attn.q_proj
+    before = lora.dense_weight(linear).clone()
+    with torch.no_grad():
+        model(input_ids())          # on AVX512-BF16 CPUs bnb repacks the weight here (bf16 block scales)
+    error = (lora.dense_weight(linear).float() - before).abs().max().item()
+    assert error <= 0.01 * before.abs().max().item(), f"dequantised weight changed by {error} after a forward"
+
+
 def test_merge_lora_refuses_4bit_base(bnb_ok, checkpoint_dir):
-    model = lora.load_in_4bit(checkpoint_dir, compute_dtype=torch.float32)
+    model = load_4bit(checkpoint_dir, torch.float32)
     lora.apply_lora(model, rank=4, alpha=8)
     with pytest.raises(NotImplementedError, match="export_merged"):
         lora.merge_lora(model)

@@ -3,9 +3,10 @@
 `tiny` is the embedded default that runs THOR end to end on a 2-core CPU in about ten minutes (step budgets,
 not time budgets, so a run is reproducible across machines). The Qwen presets follow THOR.md (group size 16,
 T = 1, clip-higher 0.2/0.28, lr 1e-6 full fine-tuning, 3,200-token responses, 5 cells in training and 10 at
-inference, L_suf 100 in training and 500 at inference) sized for one 24 GB GPU: LoRA r = 64 on a bf16 base
-with gradient checkpointing (see the README's memory table), so the learning rates are the LoRA ones
-(about 10x full fine-tuning). Any field can be overridden from the command line (`train.py --help`).
+inference, L_suf 100 in training and 500 at inference) sized for one GPU: LoRA r = 64 on a bf16 (1.5B, 1.7B)
+or NF4 (7B, 8B) base with gradient checkpointing, so the learning rates are the LoRA ones (about 10x full
+fine-tuning). All fit 24 GB by the README's derived memory table except qwen3-8b at 16,384-token responses
+(about 27 GiB: a 40 GB card, or `--max-new-tokens 8192` on 24 GB). Any field can be overridden from the command line (`train.py --help`).
 Limits: the Qwen presets were derived, not tuned on a GPU here (no GPU on the development machine).
 """
 
@@ -91,14 +92,17 @@ PRESETS: dict[str, Preset] = {
         lora_rank=0, gradient_checkpointing=False, micro_batch_tokens=8192, rollout_batch=256,
         cell_timeout=5.0, sandbox_workers=2,
     ),
-    "qwen-1.5b": Preset(model="qwen-1.5b"),
-    "qwen-7b": Preset(model="qwen-7b", load_in_4bit=True, rl_group=8, rl_prompts=16, rollout_batch=128),
+    # Qwen presets sized for one 24 GB GPU by the derived budget in the README (KV cache = rollout_batch rows x
+    # (prompt + max_new_tokens) x 28 KiB/token for Qwen2.5-1.5B; a GRPO group is never split across batches).
+    "qwen-1.5b": Preset(model="qwen-1.5b", rollout_batch=64),
+    "qwen-7b": Preset(model="qwen-7b", load_in_4bit=True, rl_group=8, rl_prompts=16, rollout_batch=32,
+                      micro_batch_tokens=8192),
     "qwen3-1.7b": Preset(model="qwen3-1.7b", template="qwen3", tirgen_step_tokens=4096,
                          rl_max_new_tokens=16384, eval_max_new_tokens=16384, rl_prompts=8, rl_group=8,
-                         rollout_batch=64),
+                         rollout_batch=8),
     "qwen3-8b": Preset(model="qwen3-8b", template="qwen3", tirgen_step_tokens=4096, load_in_4bit=True,
                        rl_max_new_tokens=16384, eval_max_new_tokens=16384, rl_prompts=4, rl_group=8,
-                       rollout_batch=32),
+                       rollout_batch=8, micro_batch_tokens=8192),
 }
 
 

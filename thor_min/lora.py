@@ -10,16 +10,16 @@ What it does
       lora_state_dict / save_lora / load_lora   adapter weights alone, as safetensors
       export_merged                   a plain transformers checkpoint (save_pretrained) with the adapters folded
                                       into dense weights, loadable by AutoModelForCausalLM, 4-bit bases included
-      bnb_4bit_config / quantize_4bit / load_in_4bit / bnb_4bit_available   QLoRA: NF4 + double quantisation
+      bnb_4bit_config / quantize_4bit / bnb_4bit_available   QLoRA: NF4 + double quantisation (models.load_model)
       enable_gradient_checkpointing   non-reentrant activation checkpointing of the decoder layers (train mode)
 
 Design
     * LoRA weights are fp32 whatever the base dtype; the branch computes in fp32 and is cast to the base output's
       dtype. The base module stays untouched inside the wrapper, so nn.Linear and bnb Linear4bit work alike.
     * 4-bit without accelerate: transformers' own `from_pretrained(quantization_config=...)` path requires the
-      `accelerate` package, so `load_in_4bit` loads the checkpoint in the compute dtype and swaps each nn.Linear
-      (except the lm_head) for a `bnb.nn.Linear4bit` built from the same `BitsAndBytesConfig` fields; the weight
-      is quantised when the module is moved to its device (CPU or GPU).
+      `accelerate` package, so `models.load_model(load_in_4bit=True)` loads the checkpoint in the compute dtype
+      and `quantize_4bit` swaps each nn.Linear (except the lm_head) for a `bnb.nn.Linear4bit` built from the
+      same `BitsAndBytesConfig` fields; the weight is quantised when the module is moved to its device.
     * Export merges into a *dense* copy (dequantised for 4-bit bases) rather than re-quantising, and builds the
       output model on the meta device, so the only new memory is the merged weights.
 
@@ -60,7 +60,12 @@ def dense_weight(linear) -> torch.Tensor:
     if _is_4bit(linear):
         import bitsandbytes.functional as bnb_functional
 
-        return bnb_functional.dequantize_4bit(linear.weight.data, linear.weight.quant_state)
+        data, state = linear.weight.data, linear.weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            # bnb repacks a CPU weight for its AVX512-BF16 kernel at the first eval-mode forward; the packed
+            # layout (and its quant_state dtype) is not what dequantize_4bit reads, so unpack a copy first
+            data, state = bnb_functional._convert_weight_packed_for_cpu_inverse(data, state)
+        return bnb_functional.dequantize_4bit(data, state)
     return linear.weight.detach()
 
 
@@ -315,15 +320,6 @@ def quantize_4bit(model: nn.Module, config=None, skip=("lm_head",), device=None)
         setattr(model.get_submodule(parent_name), child_name, quantized.to(device or module.weight.device))
         replaced.append(name)
     return replaced
-
-
-def load_in_4bit(path, compute_dtype=torch.bfloat16, device="cpu", config=None):
-    """Load a causal LM checkpoint with its linears in NF4 (double quant), other weights in compute_dtype."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=compute_dtype)
-    quantize_4bit(model, config or bnb_4bit_config(compute_dtype), device=device)
-    return model.to(device)
 
 
 # ----------------------------------------------------------------------------- activation checkpointing

@@ -72,7 +72,11 @@ class Run:
         return (self.model_dir(name) / "config.json").is_file()
 
     def base_model(self) -> str:
-        return str(self.model_dir("base")) if self.is_tiny else self.preset.model
+        if not self.is_tiny:
+            return self.preset.model
+        if not self.finished("base"):
+            raise SystemExit(f"error: no tiny base model in {self.model_dir('base')}: run --stage pretrain first")
+        return str(self.model_dir("base"))
 
     def template(self, tokenizer=None) -> str:
         return self.preset.template if self.preset.template != "auto" else detect_template(self.base_model(), tokenizer)
