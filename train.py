@@ -1,7 +1,7 @@
 """Train with THOR: pretrain (tiny world) -> TIRGen -> cold-start SFT -> hierarchical RL -> evaluation.
 
     python train.py                          # the whole pipeline on the tiny world, ~10 minutes on 2 CPU cores
-    python train.py --ablation               # ... plus RL without tools (the paper's "RL w/o tools" row)
+    python train.py --ablation               # ... plus plain-CoT SFT and RL without tools (no-tool rows)
     python train.py --model qwen-1.5b        # Qwen2.5-Math-1.5B on one 24 GB GPU (LoRA, checkpointing)
     python train.py --stage rl --resume      # one stage; --resume continues an interrupted run
 
@@ -26,7 +26,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--out", type=Path, help="output directory (default: runs/<model>)")
     run.add_argument("--resume", action="store_true", help="skip finished stages, continue from the last checkpoint")
     run.add_argument("--overwrite", action="store_true", help="delete an existing run in --out and start over")
-    run.add_argument("--ablation", action="store_true", help="also run RL without tools (the cot-rl row)")
+    run.add_argument("--ablation", action="store_true", help="also run the no-tool rows: SFT on plain-CoT references of the "
+                     "TIRGen problems (cot-sft) and RL without tools (cot-rl)")
     run.add_argument("--seed", type=int, default=0, help="seed for data order, sampling and init (default: 0)")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
     data = parser.add_argument_group("data")

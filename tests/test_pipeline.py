@@ -13,7 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from thor_min.config import PRESETS
+
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import train as train_cli  # noqa: E402  (the top-level script, imported for its parser)
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -54,6 +59,32 @@ def test_an_unloadable_model_is_one_clear_line(tmp_path):
     assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), f"got: {lines}"
 
 
+def test_flags_override_the_preset():
+    run = train_cli.build_run(train_cli.parse_args(["--model", "qwen-1.5b", "--rollout-batch", "16",
+                                                    "--max-new-tokens", "1024", "--group-size", "4"]))
+    preset = run.preset
+    assert (preset.rollout_batch, preset.rl_max_new_tokens, preset.eval_max_new_tokens) == (16, 1024, 1024), \
+        "--rollout-batch / --max-new-tokens must size both RL and evaluation rollouts"
+    assert preset.rl_group == 4, "--group-size must reach the preset"
+
+
+def test_unset_flags_keep_the_preset_defaults():
+    run = train_cli.build_run(train_cli.parse_args(["--model", "qwen-7b"]))
+    assert run.preset == PRESETS["qwen-7b"], "flags that were not given must not change the preset"
+    assert run.out == Path("runs/qwen-7b"), "the default output directory is runs/<model>"
+
+
+@pytest.mark.parametrize("flag, variants", [("--no-tools", ("rl-cot",)), ("--no-step-level", ("rl-traj",))])
+def test_ablation_flags_pick_the_rl_variant(flag, variants):
+    run = train_cli.build_run(train_cli.parse_args(["--model", "tiny", flag]))
+    assert run.preset.rl_variants == variants, f"{flag} must select {variants}"
+
+
+def test_a_stage_without_its_input_names_the_stage_to_run(tmp_path):
+    result = train("--stage", "tirgen", "--out", str(tmp_path))
+    assert result.returncode != 0 and "run --stage pretrain first" in result.stderr, f"got: {result.stderr}"
+
+
 def _checkpoint_step(out: Path) -> int:
     pointer = out / "checkpoints" / "pretrain" / "latest"
     return int(pointer.read_text().split("-")[1]) if pointer.exists() else 0
@@ -83,3 +114,16 @@ def test_a_run_killed_with_sigkill_resumes_and_loses_at_most_the_step_in_flight(
     assert min(resumed) >= logged_before, f"resumed at step {min(resumed)}, more than the step in flight was lost"
     assert min(resumed) == saved + 1, "training continues right after the last checkpoint"
     assert max(resumed) == 200 and (tmp_path / "base" / "config.json").exists(), "the resumed stage finishes"
+
+
+def test_plain_cot_sft_uses_the_references_of_the_tirgen_problems(tmp_path, tokenizer):
+    from thor_min.pipeline import Run, sft_examples, training_problems
+
+    run = Run(preset=PRESETS["tiny"], out=tmp_path)
+    problems = training_problems(run, 5, salt=0)
+    records = [{"id": p.id, "problem": p.question, "response": "```python\nprint(1)\n```\n"} for p in problems[2:5]]
+    examples = sft_examples(run, tokenizer, records, tools=False)
+    texts = [tokenizer.decode(e.ids, skip_special_tokens=True) for e in examples]
+    for problem, text in zip(problems[2:5], texts):
+        assert text.endswith(problem.reference), f"plain SFT must train on the problem's reference: {text!r}"
+        assert "```python" not in text, "plain SFT must not see the tool samples"

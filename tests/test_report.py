@@ -48,6 +48,12 @@ def test_missing_rows_give_no_claim():
     assert TOOLS_VS_COT not in text, f"a claim needs both rows:\n{text}"
 
 
+def test_tirgen_data_is_compared_with_plain_cot_sft_on_the_same_problems():
+    text = reading([row("cot-sft", 0.02, (0.0, 0.04)), row("cold-start", 0.30, (0.24, 0.36))])
+    line = claim_line(text, "SFT on TIRGen data vs on plain-CoT references")
+    assert "clearly above (+28.0 points" in line, line
+
+
 def test_step_level_loss_raising_the_pass_rate():
     text = reading([row("traj-rl", 0.5, (0.4, 0.6), pass_rate=0.70), row("step-rl", 0.5, (0.4, 0.6), pass_rate=0.85)])
     line = claim_line(text, "The step-level loss")

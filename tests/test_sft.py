@@ -10,7 +10,8 @@ from thor_min import tasks, tiny
 from thor_min.metrics import MetricsLog
 from thor_min.models import build_prompt
 from thor_min.scoring import pad_batch
-from thor_min.sft import SFTConfig, TokenizedExample, _batches, evaluate_loss, tokenize_example, train_sft
+from thor_min.sft import (SFTConfig, TokenizedExample, _batches, evaluate_loss, pack_examples, tokenize_example,
+                          train_sft)
 from thor_min.trajectory import observation_block, split_segments
 
 SIZE = tiny.TinyModelSize(hidden_size=64, num_layers=2, intermediate_size=128, num_heads=4, num_kv_heads=2)
@@ -159,6 +160,31 @@ def test_batches_change_between_epochs():
 
 # ----------------------------------------------------------------------------------------------
 # Loss and training
+
+
+def numbered_examples(lengths):
+    """Examples whose ids are (example index, position) pairs, so a block shows where each token came from."""
+    return [TokenizedExample([(i, j) for j in range(n)], [1] * n) for i, n in enumerate(lengths)]
+
+
+def test_packing_keeps_every_token_in_order():
+    examples = numbered_examples([5, 7, 3, 9, 2, 6])
+    blocks = pack_examples(examples, block_tokens=12)
+    flat = [token for block in blocks for token in block.ids]
+    assert flat == [token for example in examples for token in example.ids], "packing lost or reordered tokens"
+
+
+def test_packing_never_splits_an_example_and_respects_the_block_size():
+    blocks = pack_examples(numbered_examples([5, 7, 3, 9, 2, 6, 20]), block_tokens=12)
+    for block in blocks:
+        assert block.ids[0][1] == 0, f"a block must start at an example's first token: {block.ids[:2]}"
+        assert len(block.ids) <= 12 or len({i for i, _ in block.ids}) == 1, "only a lone long example may exceed"
+        assert len(block.loss_mask) == len(block.ids), "mask and ids must stay aligned"
+
+
+def test_packing_fills_blocks_greedily():
+    blocks = pack_examples(numbered_examples([4, 4, 4, 4, 4]), block_tokens=12)
+    assert [len(b.ids) for b in blocks] == [12, 8], f"want blocks of 12 then 8 tokens, got {[len(b.ids) for b in blocks]}"
 
 
 def test_evaluate_loss_is_the_mean_nll_of_masked_tokens(tokenizer):

@@ -6,7 +6,8 @@ T = 1, clip-higher 0.2/0.28, lr 1e-6 full fine-tuning, 3,200-token responses, 5 
 inference, L_suf 100 in training and 500 at inference) sized for one GPU: LoRA r = 64 on a bf16 (1.5B, 1.7B)
 or NF4 (7B, 8B) base with gradient checkpointing, so the learning rates are the LoRA ones (about 10x full
 fine-tuning). All fit 24 GB by the README's derived memory table except qwen3-8b at 16,384-token responses
-(about 27 GiB: a 40 GB card, or `--max-new-tokens 8192` on 24 GB). Any field can be overridden from the command line (`train.py --help`).
+(about 27 GiB: a 40 GB card, or `--max-new-tokens 8192` on 24 GB).
+Any field can be overridden from the command line (`train.py --help`).
 Limits: the Qwen presets were derived, not tuned on a GPU here (no GPU on the development machine).
 """
 
@@ -24,7 +25,8 @@ class Preset:
     pretrain_steps: int = 0           # length of the cosine learning-rate schedule
     pretrain_max_steps: int = 0       # hard cap (training continues at the final LR until the format target)
     pretrain_lr: float = 2e-3
-    pretrain_batch: int = 32
+    pretrain_batch: int = 8           # packed blocks per step
+    pretrain_block_tokens: int = 256  # samples are packed into blocks of this many tokens
     pretrain_format_target: float = 0.8   # stop once the base restates this share of held-out questions
     pretrain_check_every: int = 250
     # TIRGen
@@ -73,7 +75,8 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     # The tiny world departs from THOR's numbers where the world is smaller, all measured on 2 CPU cores:
-    # - pretraining stops at a format criterion (pipeline.stage_pretrain), so copying numbers has emerged;
+    # - pretraining packs samples into 256-token blocks and stops at a format criterion (pipeline.stage_pretrain),
+    #   so copying numbers has emerged at every position a tool-integrated answer reaches;
     # - TIRGen's critic is rule-based; the actor chunk is one line (each line is one computation), and the
     #   code filter is "none": every tiny-world cell is a single expression like print(4821 * 37), which the
     #   paper's "library call or control flow" rule would drop, taking products and sums out of the data;
@@ -81,11 +84,12 @@ PRESETS: dict[str, Preset] = {
     # - RL: G = 8 x 8 prompts, lr 1e-4, L_suf 8 tokens (responses are ~50 tokens), 100 steps per variant.
     "tiny": Preset(
         model="tiny", template="tiny", train_data="tiny", benchmarks=("tiny", "tiny-heldout"), critic="rule",
-        pretrain_steps=1500, pretrain_max_steps=3000, pretrain_lr=2e-3, pretrain_batch=32,
+        pretrain_steps=1500, pretrain_max_steps=3000, pretrain_lr=2e-3, pretrain_batch=8, pretrain_block_tokens=256,
         tirgen_problems=1500, tirgen_attempts=8, tirgen_step_tokens=48, tirgen_delimiter="\n",
         tirgen_temperature=0.7, tirgen_code_filter="none",
         sft_lr=1e-3, sft_epochs=40.0, sft_batch=32,
-        rl_variants=("rl-traj", "rl"), rl_steps=100, rl_prompts=8, rl_group=8, rl_lr=1e-4, rl_minibatches=2, rl_max_new_tokens=160,
+        rl_variants=("rl-traj", "rl"), rl_steps=100, rl_prompts=8, rl_group=8, rl_lr=1e-4, rl_minibatches=2,
+        rl_max_new_tokens=160,
         rl_min_response_tokens=8, rl_step_suffix_tokens=8, rl_step_max_new_tokens=64, rl_eval_every=20,
         eval_samples=4, eval_temperature=0.6, eval_max_new_tokens=160, eval_problems=None,
         self_correct=4, backtrack_tokens=8,

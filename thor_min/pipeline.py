@@ -6,6 +6,7 @@ directory and writes its own, so any stage can be (re)run alone with `--stage`:
     OUT/base/       the tiny base model (pretrained on plain chain-of-thought)   [tiny only]
     OUT/tirgen.jsonl, tirgen_stats.json, tirgen_raw.jsonl                       [TIRGen]
     OUT/sft/        cold-start model                                            [SFT]
+    OUT/sft-cot/    SFT on the plain-CoT references of the same problems (--ablation)
     OUT/rl-traj/    trajectory-level RL only (ablation)                         [RL]
     OUT/rl/         full hierarchical RL (trajectory + step level)              [RL]
     OUT/rl-cot/     plain chain-of-thought RL from the base, no tools (--ablation)
@@ -34,7 +35,7 @@ from thor_min.models import build_prompt, detect_template, load_model, save_mode
 from thor_min.rl import RLConfig, run_rl
 from thor_min.rollout import RolloutEngine, RolloutRequest, SamplingConfig
 from thor_min.sandbox import Sandbox
-from thor_min.sft import SFTConfig, TokenizedExample, tokenize_example, train_sft
+from thor_min.sft import SFTConfig, TokenizedExample, pack_examples, tokenize_example, train_sft
 from thor_min.tirgen import LLMCritic, RuleCritic, TIRGenConfig, run_tirgen
 
 STAGES = ("pretrain", "tirgen", "sft", "rl", "eval")
@@ -175,6 +176,12 @@ def format_monitor(model, tokenizer, problems: list[Problem]):
 def stage_pretrain(run: Run) -> None:
     """Tiny world only: build tokenizer + model, pretrain on the plain chain-of-thought corpus.
 
+    Samples are packed into `pretrain_block_tokens` blocks, as in real pretraining. Trained on single ~60-token
+    samples instead, the base never sees later positions, and copying a number into the boxed answer fails once
+    a tool-integrated answer (code and output blocks, about twice as long) pushes it there: measured, the
+    unpacked base copied 67/67 long numbers at their usual positions but 5/67 after one plain sample of prefix;
+    packed, 56/67 (and TIRGen keeps products and sums, not just short gcd/modpow answers).
+
     The learning rate follows a cosine over `pretrain_steps`; training stops once the base restates held-out
     questions (copies their numbers into its first line) at least `pretrain_format_target` of the time,
     checked every `pretrain_check_every` steps, and otherwise goes on at the final learning rate up to
@@ -191,14 +198,15 @@ def stage_pretrain(run: Run) -> None:
     torch.manual_seed(run.seed)
     tokenizer = tiny.build_tokenizer()
     model = tiny.build_model(tokenizer, seed=run.seed)
-    corpus = training_problems(run, min(preset.pretrain_max_steps * preset.pretrain_batch, 40_000), salt=2)
+    corpus = training_problems(run, 40_000, salt=2)
     held_out = tasks.test_split(64, seed=tasks.DEFAULT_SEED + run.seed)
     config = SFTConfig(lr=preset.pretrain_lr, max_steps=preset.pretrain_max_steps, schedule_steps=preset.pretrain_steps,
                        batch_size=preset.pretrain_batch,
                        schedule="cosine", warmup_steps=50, weight_decay=0.1, eval_every=preset.pretrain_check_every,
                        checkpoint_every=preset.checkpoint_every, micro_batch_tokens=preset.micro_batch_tokens,
                        seed=run.seed)
-    summary = train_sft(model, tokenizer, full_text_examples(tokenizer, corpus), full_text_examples(tokenizer, held_out),
+    packed = pack_examples(full_text_examples(tokenizer, corpus), preset.pretrain_block_tokens)
+    summary = train_sft(model, tokenizer, packed, full_text_examples(tokenizer, held_out),
                         config, log=run.log, stage="pretrain", checkpoint_dir=run.out / "checkpoints" / "pretrain",
                         resume=run.resume, monitor=format_monitor(model, tokenizer, held_out),
                         stop_when=lambda row: row["restate_rate"] >= preset.pretrain_format_target)
@@ -240,30 +248,49 @@ def stage_tirgen(run: Run) -> None:
     record_stage(run, "tirgen", time.time() - started, kept=kept, cot_solved=len(cot_solved))
 
 
+def sft_examples(run: Run, tokenizer, records: list[dict], tools: bool) -> list[TokenizedExample] | None:
+    """The TIRGen samples, or (tools off) the plain-CoT references of the same problems; None if there are none."""
+    template = run.template(tokenizer)
+    if tools:
+        pairs = [(r["problem"], r["response"]) for r in records]
+    else:
+        references = {p.id: p.reference for p in training_problems(run, run.preset.tirgen_problems, salt=0)}
+        pairs = [(r["problem"], references.get(r["id"], "")) for r in records]
+        if not all(reference for _, reference in pairs):
+            return None
+    return [tokenize_example(tokenizer, build_prompt(template, question, tools=tools, tokenizer=tokenizer), response,
+                             train_on_outputs=run.preset.sft_train_on_outputs) for question, response in pairs]
+
+
 def stage_sft(run: Run) -> None:
-    """Cold-start SFT of the base on the TIRGen data (observation tokens masked)."""
-    if run.resume and run.finished("sft"):
-        return say("sft: done already (OUT/sft), skipping")
+    """Cold-start SFT of the base on the TIRGen data (observation tokens masked); with --ablation also SFT on
+    the plain-CoT references of the same problems (OUT/sft-cot), to measure what the tool data itself adds."""
     path = run.out / "tirgen.jsonl"
     records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
     if not records:
         raise SystemExit(f"error: no TIRGen data in {path}: run --stage tirgen first (or it kept no samples)")
-    preset, started = run.preset, time.time()
-    model, tokenizer = load_policy(run, run.base_model(), trainable=True)
-    template = run.template(tokenizer)
-    examples = [tokenize_example(tokenizer, build_prompt(template, r["problem"], tools=True, tokenizer=tokenizer),
-                                 r["response"], train_on_outputs=preset.sft_train_on_outputs) for r in records]
-    held = max(1, min(200, len(examples) // 10))
-    say(f"sft: {len(examples) - held} TIRGen samples (+{held} held out for the loss), {preset.sft_epochs} epochs")
-    config = SFTConfig(lr=preset.sft_lr, epochs=preset.sft_epochs, batch_size=preset.sft_batch,
-                       micro_batch_tokens=preset.micro_batch_tokens, eval_every=20,
-                       checkpoint_every=preset.checkpoint_every,
-                       seed=run.seed, max_tokens=preset.rl_max_new_tokens + 1024)
-    summary = train_sft(model, tokenizer, examples[held:], examples[:held], config, log=run.log, stage="sft",
-                        checkpoint_dir=run.out / "checkpoints" / "sft", resume=run.resume)
-    save_policy(run, model, tokenizer, "sft")
-    say(f"sft: held-out loss {summary['first_eval_loss']:.3f} -> {summary['final_eval_loss']:.3f}")
-    record_stage(run, "sft", time.time() - started, **{k: summary[k] for k in ("first_eval_loss", "final_eval_loss", "steps")})
+    for name in ("sft", "sft-cot") if run.ablation else ("sft",):
+        if run.resume and run.finished(name):
+            say(f"{name}: done already (OUT/{name}), skipping")
+            continue
+        preset, started = run.preset, time.time()
+        model, tokenizer = load_policy(run, run.base_model(), trainable=True)
+        examples = sft_examples(run, tokenizer, records, tools=name == "sft")
+        if examples is None:
+            say(f"{name}: the training problems have no plain references, skipped")
+            continue
+        held = max(1, min(200, len(examples) // 10))
+        say(f"{name}: {len(examples) - held} samples (+{held} held out for the loss), {preset.sft_epochs} epochs")
+        config = SFTConfig(lr=preset.sft_lr, epochs=preset.sft_epochs, batch_size=preset.sft_batch,
+                           micro_batch_tokens=preset.micro_batch_tokens, eval_every=20,
+                           checkpoint_every=preset.checkpoint_every,
+                           seed=run.seed, max_tokens=preset.rl_max_new_tokens + 1024)
+        summary = train_sft(model, tokenizer, examples[held:], examples[:held], config, log=run.log, stage=name,
+                            checkpoint_dir=run.out / "checkpoints" / name, resume=run.resume)
+        save_policy(run, model, tokenizer, name)
+        say(f"{name}: held-out loss {summary['first_eval_loss']:.3f} -> {summary['final_eval_loss']:.3f}")
+        record_stage(run, name, time.time() - started,
+                     **{k: summary[k] for k in ("first_eval_loss", "final_eval_loss", "steps")})
 
 
 def rl_config(run: Run, tools: bool, step_level: bool) -> RLConfig:
@@ -317,6 +344,7 @@ def stage_rl(run: Run) -> None:
 EVAL_ROWS = (  # (row name, model directory, tools, self-correction) -- THOR's ablation table
     ("base-cot", "base", False, False),
     ("cold-start", "sft", True, False),
+    ("cot-sft", "sft-cot", False, False),
     ("traj-rl", "rl-traj", True, False),
     ("step-rl", "rl", True, False),
     ("self-correct", "rl", True, True),

@@ -3,7 +3,7 @@
 Written from `summary.json` alone, so it can be regenerated without re-running anything. The reading
 checks THOR's claims one by one against the measured rows and says plainly when an effect does not show:
 tools vs the base's plain CoT, RL vs cold start, step-level RL on the cell pass rate, self-correction on
-accuracy and pass rate, and (with --ablation) RL without tools. "Clearly" means the 95% intervals do not
+accuracy and pass rate, and (with --ablation) SFT on plain-CoT references and RL without tools. "Clearly" means the 95% intervals do not
 overlap; otherwise a difference is reported as within noise.
 Limits: intervals are over problems (Avg@k per problem), not over training seeds.
 """
@@ -12,13 +12,14 @@ from pathlib import Path
 
 from thor_min.plot import save_bar_chart
 
-CLAIM_ORDER = ("base-cot", "cold-start", "traj-rl", "step-rl", "self-correct", "cot-rl")
+CLAIM_ORDER = ("base-cot", "cold-start", "traj-rl", "step-rl", "self-correct", "cot-sft", "cot-rl")
 ROW_TITLES = {
     "base-cot": "base model, plain CoT",
     "cold-start": "cold-start SFT (TIRGen data)",
     "traj-rl": "+ trajectory-level RL",
     "step-rl": "+ step-level RL (THOR)",
     "self-correct": "+ self-correction",
+    "cot-sft": "SFT on plain-CoT references, same problems",
     "cot-rl": "RL without tools (from base)",
 }
 
@@ -75,6 +76,7 @@ def reading(rows_list: list[dict]) -> str:
         _claim(rows, "traj-rl", "cold-start", "Trajectory-level RL vs cold-start SFT"),
         _claim(rows, "step-rl", "cold-start", "Hierarchical RL vs cold-start SFT"),
         _claim(rows, "step-rl", "traj-rl", "Adding the step-level loss (accuracy)"),
+        _claim(rows, "cold-start", "cot-sft", "SFT on TIRGen data vs on plain-CoT references of the same problems"),
         _claim(rows, "cot-rl", "base-cot", "RL without tools vs the base"),
         _claim(rows, "step-rl", "cot-rl", "RL with tools vs RL without tools"),
     ]

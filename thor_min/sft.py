@@ -11,8 +11,10 @@ Design choices:
   gradients; constant or cosine learning rate with warm-up; held-out loss every `eval_every` steps.
 - Checkpoints through `thor_min.checkpoint` (resumable mid-stage); NaN/inf losses skip the update.
 The tiny world's *pretraining* is this same loop on plain chain-of-thought references from a freshly
-initialised model with a higher learning rate: one next-token trainer for both.
-Limits: examples longer than `max_tokens` are dropped (counted); no sequence packing.
+initialised model with a higher learning rate: one next-token trainer for both. Pretraining packs whole
+samples into longer blocks (`pack_examples`), as real pretraining does, so the base sees every position a
+longer tool-integrated answer will reach (attention then crosses sample boundaries inside a block).
+Limits: examples longer than `max_tokens` are dropped (counted); SFT itself does not pack.
 """
 
 import math
@@ -68,6 +70,20 @@ def tokenize_example(tokenizer, prompt: str, response: str, *, train_on_outputs:
         ids.append(tokenizer.eos_token_id)
         mask.append(1)
     return TokenizedExample(ids, mask)
+
+
+def pack_examples(examples: list[TokenizedExample], block_tokens: int) -> list[TokenizedExample]:
+    """Concatenate consecutive examples (each ends in EOS) into blocks of at most `block_tokens`, never
+    splitting one; every block starts at an example's first token. An example longer than a block stays alone."""
+    blocks, ids, mask = [], [], []
+    for example in examples:
+        if ids and len(ids) + len(example.ids) > block_tokens:
+            blocks.append(TokenizedExample(ids, mask))
+            ids, mask = [], []
+        ids, mask = ids + example.ids, mask + example.loss_mask
+    if ids:
+        blocks.append(TokenizedExample(ids, mask))
+    return blocks
 
 
 def _batches(examples: list[TokenizedExample], batch_size: int, epoch: int, seed: int) -> list[list[int]]:
