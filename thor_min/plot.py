@@ -343,9 +343,9 @@ def save_line_panels(path, panels: list[Panel], *, title: str = "", columns: int
 
 def save_bar_chart(path, labels: list[str], values: list[float], *, lows: list[float] | None = None,
                    highs: list[float] | None = None, title: str = "", ylabel: str = "",
-                   ymax: float | None = None) -> None:
-    """Write a bar chart as a PNG: one colored bar per label, its value printed above it, and an
-    optional whisker from lows[i] to highs[i] (e.g. a 95% interval). None/NaN values draw no bar."""
+                   ymax: float | None = None, value_format: str = "{:.3g}") -> None:
+    """Write a bar chart as a PNG: one colored bar per label, its value printed above it (`value_format`), and
+    an optional whisker from lows[i] to highs[i] (e.g. a 95% interval). None/NaN values draw no bar."""
     count = len(labels)
     heights, low_ends, high_ends = (float_array([None] * count if column is None else column)
                                     for column in (values, lows, highs))
@@ -375,7 +375,7 @@ def save_bar_chart(path, labels: list[str], values: list[float], *, lows: list[f
     for index, label in enumerate(labels):
         center = int(round(float(area.x_px(index + 0.5))))
         draw_bar(image, area, center, int(slot * 0.3), heights[index], low_ends[index], high_ends[index],
-                 COLOR_CYCLE[index % len(COLOR_CYCLE)])
+                 COLOR_CYCLE[index % len(COLOR_CYCLE)], value_format)
         draw_text(image, center, plot_bottom + 10, fit_text(label, int(slot) - 8, label_scale),
                   scale=label_scale, align="center")
     if count == 0:
@@ -384,7 +384,8 @@ def save_bar_chart(path, labels: list[str], values: list[float], *, lows: list[f
     write_png(path, image)
 
 
-def draw_bar(image, area: PlotArea, center: int, half_width: int, value, low, high, color) -> None:
+def draw_bar(image, area: PlotArea, center: int, half_width: int, value, low, high, color,
+             value_format: str = "{:.3g}") -> None:
     """One bar from zero to value (clipped to the plot), its whisker, and its value printed above."""
     view = image[area.top:area.bottom + 1, area.left:area.right + 1]    # drawing here clips to the plot
     # Rows inside the view, clamped just outside it so a far-off value never costs a long line.
@@ -398,5 +399,5 @@ def draw_bar(image, area: PlotArea, center: int, half_width: int, value, low, hi
         for row in (low_row, high_row):
             draw_line(view, column - 8, row, column + 8, row, WHISKER, 2)
     text_top = float(area.y_px(max(v for v in (value, high, 0.0) if math.isfinite(v))))
-    text = f"{value:.3g}" if math.isfinite(value) else "n/a"
+    text = value_format.format(value) if math.isfinite(value) else "n/a"
     draw_text(image, center, max(text_top, area.top) - 8 - CAP_HEIGHT * TEXT_SCALE, text, align="center")

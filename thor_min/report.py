@@ -115,4 +115,4 @@ def write_report(out_dir: str | Path, summary: dict) -> None:
     save_bar_chart(out_dir / "ablation.png", [r["name"] for r in rows], [100 * r["accuracy"] for r in rows],
                    lows=[100 * r["ci95"][0] for r in rows], highs=[100 * r["ci95"][1] for r in rows],
                    title=f"accuracy per ablation row (Avg@{summary['samples']}, 95% interval)",
-                   ylabel="accuracy %", ymax=100.0)
+                   ylabel="accuracy %", ymax=100.0, value_format="{:.1f}")

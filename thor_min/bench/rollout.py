@@ -28,12 +28,15 @@ times and concatenates its DynamicCache every step; we prefill once and write a 
 (b) adds what tool calls cost: the transformers loop re-prefills every row's whole text after each round of cells,
 every row of a round waits for the slowest one, and cells run while the whole batch waits. With `--long-words 1` all
 rows stay in lockstep, the transformers loop's best case. Timing: best wall clock of `--repeats` calls per side after
-a warm-up call. CPU numbers depend heavily on the thread count and on other load (`--threads 1` is steadier on a
-busy machine). Limits: a ~1 M-parameter model on a CPU; on a GPU with a real model the forward pass and cell time
+a warm-up call. CPU numbers depend heavily on the thread count and on other load. In (b) both sides use
+CPUs - `--workers` torch threads by default: our engine runs cells while the model decodes, so cells need cores
+the forward pass does not take, as on a GPU (on 2 cores with 2 threads the two contend and the ratio drops
+from ~3.9x to 2.6-3.1x, measured; the transformers loop never overlaps them). Limits: a ~1 M-parameter model on a CPU; on a GPU with a real model the forward pass and cell time
 weigh differently.
 """
 
 import argparse
+import os
 import random
 import time
 
@@ -232,7 +235,8 @@ def parse_args(argv):
     tools.add_argument("--skip-tools", action="store_true", help="run only the plain decode part (a)")
     tools.add_argument("--skip-plain", action="store_true", help="run only the tool-integrated part (b)")
     runtime = parser.add_argument_group("runtime")
-    runtime.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    runtime.add_argument("--threads", type=int, default=None,
+                         help="torch CPU threads (default: torch's choice for (a); CPUs - workers for (b))")
     runtime.add_argument("--seed", type=int, default=0, help="random seed")
     return parser.parse_args(argv)
 
@@ -257,6 +261,9 @@ def main(argv: list[str]) -> int:
         print(f"plain decode ratio (ours / model.generate): {ours / theirs:.2f}x")
     if args.skip_tools:
         return 0
+    if not args.threads:   # cells run on cores the forward pass leaves free, as with a GPU doing the forward
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - args.workers))
+    print(f"tool rollouts: torch threads={torch.get_num_threads()}, sandbox workers={args.workers}")
     ours, theirs, ours_tokens, theirs_tokens = bench_tools(model, tokenizer, args)
     print(f"  ours {ours:9.0f} tok/s ({ours_tokens} tokens)   transformers loop {theirs:9.0f} tok/s ({theirs_tokens} tokens)")
     print(f"tool-integrated ratio (ours / transformers loop): {ours / theirs:.2f}x")
