@@ -16,7 +16,6 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from thor_min import rollout as rollout_module
-from thor_min import tiny
 from thor_min.bench.rollout import fit_texts
 from thor_min.kvcache import RolloutCache
 from thor_min.rollout import RolloutEngine, RolloutRequest, SamplingConfig, sample_tokens

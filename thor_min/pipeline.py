@@ -33,9 +33,10 @@ from thor_min.evaluate import EvalConfig, evaluate, record_dict
 from thor_min.metrics import MetricsLog
 from thor_min.models import build_prompt, detect_template, load_model, save_model_dir, write_metadata
 from thor_min.rl import RLConfig, run_rl
-from thor_min.rollout import RolloutEngine, RolloutRequest, SamplingConfig
+from thor_min.rollout import RolloutEngine
 from thor_min.sandbox import Sandbox
-from thor_min.sft import SFTConfig, TokenizedExample, pack_examples, tokenize_example, train_sft
+from thor_min.sft import (SFTConfig, TokenizedExample, format_monitor, full_text_examples, pack_examples,
+                          tokenize_example, train_sft)
 from thor_min.tirgen import LLMCritic, RuleCritic, TIRGenConfig, run_tirgen
 
 STAGES = ("pretrain", "tirgen", "sft", "rl", "eval")
@@ -145,28 +146,6 @@ def record_stage(run: Run, stage: str, seconds: float, **facts) -> None:
     stages = json.loads(path.read_text()) if path.exists() else {}
     stages[stage] = {"seconds": round(seconds, 1), **facts}
     path.write_text(json.dumps(stages, indent=2) + "\n")
-
-
-def full_text_examples(tokenizer, problems: list[Problem]) -> list[TokenizedExample]:
-    """Pretraining examples: prompt + plain reference, every token trained (a language-model corpus)."""
-    examples = []
-    for problem in problems:
-        example = tokenize_example(tokenizer, build_prompt("tiny", problem.question, tools=False), problem.reference)
-        examples.append(TokenizedExample(example.ids, [1] * len(example.ids)))
-    return examples
-
-
-def format_monitor(model, tokenizer, problems: list[Problem]):
-    """A callable returning {"restate_rate": ...}: how often greedy answers copy the question's numbers."""
-    engine = RolloutEngine(model, tokenizer)
-    requests = [RolloutRequest(tokenizer.encode(build_prompt("tiny", p.question, tools=False))) for p in problems]
-    config = SamplingConfig(max_new_tokens=48, temperature=0.0, max_tool_calls=0, batch_size=len(problems))
-
-    def monitor() -> dict:
-        rollouts = engine.generate(requests, config)
-        return {"restate_rate": sum(tasks.restates_question(p, r.text) for p, r in zip(problems, rollouts)) / len(problems)}
-
-    return monitor
 
 
 # ----------------------------------------------------------------------------------------------

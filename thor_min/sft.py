@@ -26,8 +26,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from thor_min import tasks
 from thor_min.checkpoint import load_latest, save_checkpoint
+from thor_min.models import build_prompt
 from thor_min.optim import build_optimizer, guarded_step, scheduled_lr, set_lr
+from thor_min.rollout import RolloutEngine, RolloutRequest, SamplingConfig
 from thor_min.scoring import micro_batches, pad_batch, sequence_logprobs
 from thor_min.trajectory import split_segments
 
@@ -194,3 +197,29 @@ def _monitored(model, monitor) -> dict:
         return monitor()
     finally:
         model.train()
+
+
+# ----------------------------------------------------------------------------------------------
+# The tiny world's pretraining: its corpus and its stopping criterion
+
+
+def full_text_examples(tokenizer, problems: list) -> list[TokenizedExample]:
+    """Pretraining examples: prompt + plain reference, every token trained (a language-model corpus)."""
+    examples = []
+    for problem in problems:
+        example = tokenize_example(tokenizer, build_prompt("tiny", problem.question, tools=False), problem.reference)
+        examples.append(TokenizedExample(example.ids, [1] * len(example.ids)))
+    return examples
+
+
+def format_monitor(model, tokenizer, problems: list):
+    """A callable returning {"restate_rate": ...}: how often greedy answers copy the question's numbers."""
+    engine = RolloutEngine(model, tokenizer)
+    requests = [RolloutRequest(tokenizer.encode(build_prompt("tiny", p.question, tools=False))) for p in problems]
+    config = SamplingConfig(max_new_tokens=48, temperature=0.0, max_tool_calls=0, batch_size=len(problems))
+
+    def monitor() -> dict:
+        rollouts = engine.generate(requests, config)
+        return {"restate_rate": sum(tasks.restates_question(p, r.text) for p, r in zip(problems, rollouts)) / len(problems)}
+
+    return monitor
