@@ -113,17 +113,9 @@ def eval_config(args):
 
 def solve(engine, problems, template: str, config, tools: bool):
     """Sample `config.samples` completions per problem; returns (problem, rollout) pairs in order."""
-    from tqdm.auto import tqdm
+    from thor_min.evaluate import sample_rollouts
 
-    from thor_min.models import build_prompt
-    from thor_min.rollout import RolloutRequest
-
-    sampling = config.sampling()
-    tokenizer = engine.tokenizer
-    requests = [RolloutRequest(tokenizer.encode(build_prompt(template, p.question, tools=tools, tokenizer=tokenizer),
-                                                add_special_tokens=False), config.samples) for p in problems]
-    with tqdm(total=len(problems) * config.samples, desc="solve", unit="sample", dynamic_ncols=True) as bar:
-        rollouts = engine.generate(requests, sampling, seed=config.seed, progress=bar.update)
+    rollouts = sample_rollouts(engine, problems, template, config, tools=tools, desc="solve")
     return [(problems[r.request], r) for r in rollouts]
 
 
@@ -155,14 +147,11 @@ def print_trajectory(problem, rollout, samples: int, colour: bool) -> None:
           f"finish: {rollout.finish_reason}\n")
 
 
-def sample_record(problem, rollout) -> dict:
-    from thor_min.grader import extract_boxed
+def problem_mode_record(problem, rollout) -> dict:
+    """A problem-mode sample: nothing to grade against, so `correct` and `gold` are null."""
+    from thor_min.evaluate import record_dict, sample_record
 
-    return {"id": problem.id, "problem": problem.question, "gold": problem.answer or None,
-            "completion": rollout.text, "correct": None, "answer": extract_boxed(rollout.text),
-            "cells": [{"code": c.code, "passed": c.passed, "observation": c.observation}
-                      for c in rollout.executed_cells],
-            "tokens": rollout.sampled_tokens, "retries": rollout.retries, "finish_reason": rollout.finish_reason}
+    return {**record_dict(sample_record(problem, rollout, None)), "gold": problem.answer or None}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,7 +223,7 @@ def run(args) -> int:
             for problem, rollout in pairs:
                 print_trajectory(problem, rollout, config.samples, colour=sys.stdout.isatty())
             if args.out:
-                write_jsonl(args.out, [sample_record(problem, rollout) for problem, rollout in pairs])
+                write_jsonl(args.out, [problem_mode_record(problem, rollout) for problem, rollout in pairs])
             return 0
         records, summary = evaluate(engine, problems, template, config, tools=tools, desc=args.bench or args.data)
     finally:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from thor_min.data import Problem
 from thor_min.grader import extract_boxed, grade_batch, normalize_answer
-from thor_min.models import build_prompt
+from thor_min.models import encode_prompt
 from thor_min.rollout import RolloutRequest, SamplingConfig
 
 
@@ -50,7 +50,7 @@ class SampleRecord:
     problem: str
     gold: str
     completion: str
-    correct: bool
+    correct: bool | None
     answer: str | None
     cells: list[dict] = field(default_factory=list)
     tokens: int = 0
@@ -91,29 +91,35 @@ def summarise(records: list[SampleRecord], samples: int) -> dict:
     }
 
 
+def sample_rollouts(engine, problems: list[Problem], template: str, config: EvalConfig, *, tools: bool = True,
+                    desc: str = "eval") -> list:
+    """`config.samples` rollouts per problem, in problem order, with a progress bar (tools off: no cells)."""
+    requests = [RolloutRequest(encode_prompt(engine.tokenizer, template, p.question, tools=tools), config.samples)
+                for p in problems]
+    sampling = config.sampling()
+    if not tools:
+        sampling.max_tool_calls, sampling.self_correct = 0, 0
+    with tqdm(total=len(problems) * config.samples, desc=desc, unit="sample", dynamic_ncols=True) as bar:
+        return engine.generate(requests, sampling, seed=config.seed, progress=bar.update)
+
+
+def sample_record(problem: Problem, rollout, correct: bool | None) -> SampleRecord:
+    """One sample as the record callers write to JSONL (`correct` is None when there is no gold answer)."""
+    cells = [{"code": c.code, "passed": c.passed, "observation": c.observation} for c in rollout.executed_cells]
+    return SampleRecord(id=problem.id, problem=problem.question, gold=problem.answer, completion=rollout.text,
+                        correct=correct, answer=extract_boxed(rollout.text), cells=cells,
+                        tokens=rollout.sampled_tokens, retries=rollout.retries, finish_reason=rollout.finish_reason)
+
+
 def evaluate(engine, problems: list[Problem], template: str, config: EvalConfig, *, tools: bool = True,
              desc: str = "eval") -> tuple[list[SampleRecord], dict]:
     """Sample, grade and summarise `problems`; returns (per-sample records, summary dict)."""
     if not problems:
         raise ValueError("no problems to evaluate")
-    tokenizer = engine.tokenizer
-    requests = [RolloutRequest(tokenizer.encode(build_prompt(template, p.question, tools=tools, tokenizer=tokenizer),
-                                                add_special_tokens=False), config.samples) for p in problems]
-    sampling = config.sampling()
-    if not tools:
-        sampling.max_tool_calls, sampling.self_correct = 0, 0
     started = time.time()
-    with tqdm(total=len(problems) * config.samples, desc=desc, unit="sample", dynamic_ncols=True) as bar:
-        rollouts = engine.generate(requests, sampling, seed=config.seed, progress=bar.update)
+    rollouts = sample_rollouts(engine, problems, template, config, tools=tools, desc=desc)
     correct = grade_batch([r.text for r in rollouts], [problems[r.request].golds for r in rollouts])
-    records = []
-    for rollout, ok in zip(rollouts, correct):
-        problem = problems[rollout.request]
-        cells = [{"code": c.code, "passed": c.passed, "observation": c.observation} for c in rollout.executed_cells]
-        records.append(SampleRecord(id=problem.id, problem=problem.question, gold=problem.answer,
-                                    completion=rollout.text, correct=bool(ok), answer=extract_boxed(rollout.text),
-                                    cells=cells, tokens=rollout.sampled_tokens, retries=rollout.retries,
-                                    finish_reason=rollout.finish_reason))
+    records = [sample_record(problems[r.request], r, bool(ok)) for r, ok in zip(rollouts, correct)]
     summary = summarise(records, config.samples)
     summary["seconds"] = time.time() - started
     return records, summary

@@ -205,6 +205,11 @@ def build_prompt(template: str, question: str, *, tools: bool = True, tokenizer=
     raise ModelLoadError(f"unknown template {template!r}: choose one of auto, {', '.join(TEMPLATES)}")
 
 
+def encode_prompt(tokenizer, template: str, question: str, *, tools: bool = True) -> list[int]:
+    """The prompt's token ids, exactly as the rollout engine is given them (the template adds any special tokens)."""
+    return tokenizer.encode(build_prompt(template, question, tools=tools, tokenizer=tokenizer), add_special_tokens=False)
+
+
 def silence_library_logs() -> None:
     """Quiet the harmless warnings transformers and bitsandbytes print on CPU."""
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

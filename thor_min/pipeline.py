@@ -31,7 +31,7 @@ from thor_min.config import Preset
 from thor_min.data import Problem, load_problems
 from thor_min.evaluate import EvalConfig, evaluate, record_dict
 from thor_min.metrics import MetricsLog
-from thor_min.models import build_prompt, detect_template, load_model, save_model_dir, write_metadata
+from thor_min.models import build_prompt, detect_template, encode_prompt, load_model, save_model_dir, write_metadata
 from thor_min.rl import RLConfig, run_rl
 from thor_min.rollout import RolloutEngine
 from thor_min.sandbox import Sandbox
@@ -136,8 +136,7 @@ def make_sandbox(run: Run) -> Sandbox:
 
 def prompt_encoder(run: Run, tokenizer, tools: bool):
     template = run.template(tokenizer)
-    return lambda problem: tokenizer.encode(build_prompt(template, problem.question, tools=tools, tokenizer=tokenizer),
-                                            add_special_tokens=False)
+    return lambda problem: encode_prompt(tokenizer, template, problem.question, tools=tools)
 
 
 def record_stage(run: Run, stage: str, seconds: float, **facts) -> None:
@@ -196,8 +195,7 @@ def stage_pretrain(run: Run) -> None:
 
 def solved_by_cot(engine, problems: list[Problem], template: str, max_new_tokens: int, batch_size: int) -> set[str]:
     """Ids of problems the model solves with greedy plain chain-of-thought (TIRGen's difficulty filter)."""
-    config = EvalConfig(samples=1, temperature=0.0, max_tool_calls=0, max_new_tokens=max_new_tokens,
-                        batch_size=batch_size)
+    config = EvalConfig(samples=1, temperature=0.0, max_new_tokens=max_new_tokens, batch_size=batch_size)
     records, _ = evaluate(engine, problems, template, config, tools=False, desc="tirgen: plain-CoT baseline")
     return {record.id for record in records if record.correct}
 
@@ -307,8 +305,8 @@ def stage_rl(run: Run) -> None:
         quick_eval = list(eval_problems(run).values())[0][:64]
         with make_sandbox(run) as sandbox:
             engine = RolloutEngine(model, tokenizer, sandbox)
-            config = EvalConfig(samples=1, temperature=0.0, max_tool_calls=10 if tools else 0,
-                                max_new_tokens=run.preset.eval_max_new_tokens, batch_size=run.preset.rollout_batch)
+            config = EvalConfig(samples=1, temperature=0.0, max_new_tokens=run.preset.eval_max_new_tokens,
+                                batch_size=run.preset.rollout_batch)
             evaluate_greedy = lambda: {"accuracy": evaluate(engine, quick_eval, run.template(tokenizer), config,
                                                              tools=tools, desc=f"{variant}: greedy eval")[1]["accuracy"]}
             last = run_rl(model, tokenizer, engine, problems, prompt_encoder(run, tokenizer, tools),
@@ -374,7 +372,7 @@ def stage_eval(run: Run) -> dict:
             loaded = (location, *load_policy(run, location, trainable=False))
         _, model, tokenizer = loaded
         config = EvalConfig(samples=preset.eval_samples, temperature=preset.eval_temperature,
-                            max_new_tokens=preset.eval_max_new_tokens, max_tool_calls=10 if tools else 0,
+                            max_new_tokens=preset.eval_max_new_tokens,
                             self_correct=preset.self_correct if self_correct else 0,
                             backtrack_tokens=preset.backtrack_tokens, batch_size=preset.rollout_batch, seed=run.seed)
         per_benchmark = {}

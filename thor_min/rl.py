@@ -25,11 +25,13 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
+from thor_min.checkpoint import load_latest, save_checkpoint
 from thor_min.data import Problem
 from thor_min.grader import extract_boxed, grade_batch
 from thor_min.losses import group_advantages, policy_loss
-from thor_min.optim import guarded_step
+from thor_min.optim import build_optimizer, guarded_step
 from thor_min.rollout import RolloutRequest, SamplingConfig
 from thor_min.scoring import micro_batches, pad_batch, scatter_targets, sequence_logprobs
 from thor_min.trajectory import Rollout
@@ -73,6 +75,10 @@ class TrainSample:
     advantage: float
     kind: str                         # "trajectory" or "step"
     old_logprobs: list[float] = field(default_factory=list)
+
+    @property
+    def ids(self) -> list[int]:
+        return self.context_ids + self.completion_ids
 
     @property
     def target_mask(self) -> list[int]:
@@ -204,7 +210,7 @@ def build_samples(trajectory_groups, step_groups) -> list[TrainSample]:
 
 
 def _score(model, samples: list[TrainSample], indices: list[int], pad_id: int, entropy: bool = False):
-    batch = pad_batch([samples[i].context_ids + samples[i].completion_ids for i in indices],
+    batch = pad_batch([samples[i].ids for i in indices],
                       [samples[i].target_mask for i in indices], pad_id).to(model.device)
     return batch, sequence_logprobs(model, batch, return_entropy=entropy)
 
@@ -213,7 +219,7 @@ def _score(model, samples: list[TrainSample], indices: list[int], pad_id: int, e
 def attach_old_logprobs(model, samples: list[TrainSample], config: RLConfig, pad_id: int) -> float:
     """Score every sample once before any update (the fixed "old" policy); returns the mean entropy."""
     model.eval()
-    lengths = [len(s.context_ids) + len(s.completion_ids) for s in samples]
+    lengths = [len(s.ids) for s in samples]
     entropy_sum, tokens = 0.0, 0
     for group in micro_batches(lengths, list(range(len(samples))), config.micro_batch_tokens):
         _, (logp, entropy) = _score(model, samples, group, pad_id, entropy=True)
@@ -232,7 +238,7 @@ def train_on_samples(model, optimizer, samples: list[TrainSample], config: RLCon
     order = list(range(len(samples)))
     random.Random(seed).shuffle(order)
     parts = [order[i::config.minibatches] for i in range(config.minibatches) if order[i::config.minibatches]]
-    lengths = [len(s.context_ids) + len(s.completion_ids) for s in samples]
+    lengths = [len(s.ids) for s in samples]
     totals: dict[str, float] = {}
     skipped = 0
     for part in parts:
@@ -313,11 +319,6 @@ def run_rl(model, tokenizer, engine, problems: list[Problem], prompt_ids, config
 
     `evaluate()` (optional) returns a dict of held-out metrics, logged every `eval_every` steps and at the end.
     """
-    from tqdm.auto import tqdm
-
-    from thor_min.checkpoint import load_latest, save_checkpoint
-    from thor_min.optim import build_optimizer
-
     optimizer = build_optimizer(model.parameters(), config.lr, weight_decay=0.0, betas=(0.9, 0.999))
     start, position, skipped = 0, 0, 0
     if resume and checkpoint_dir is not None:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from thor_min import tasks
 from thor_min.checkpoint import load_latest, save_checkpoint
-from thor_min.models import build_prompt
+from thor_min.models import build_prompt, encode_prompt
 from thor_min.optim import build_optimizer, guarded_step, scheduled_lr, set_lr
 from thor_min.rollout import RolloutEngine, RolloutRequest, SamplingConfig
 from thor_min.scoring import micro_batches, pad_batch, sequence_logprobs
@@ -124,6 +124,18 @@ def evaluate_loss(model, examples: list[TokenizedExample], pad_id: int, max_toke
     return total / max(count, 1)
 
 
+def backward_batch(model, examples: list[TokenizedExample], indices: list[int], lengths: list[int], pad_id: int,
+                   micro_batch_tokens: int) -> float:
+    """Accumulate the gradient of one batch's token-mean NLL over its micro-batches; return that loss."""
+    num_targets = sum(sum(examples[i].loss_mask[1:]) for i in indices)
+    loss_value = 0.0
+    for group in micro_batches(lengths, indices, micro_batch_tokens):
+        nll, _ = batch_nll(model, examples, group, pad_id, model.device)
+        (nll / num_targets).backward()
+        loss_value += float(nll.detach()) / num_targets
+    return loss_value
+
+
 def train_sft(model, tokenizer, train: list[TokenizedExample], held_out: list[TokenizedExample], config: SFTConfig,
               *, log, stage: str = "sft", checkpoint_dir: Path | None = None, resume: bool = False,
               monitor=None, stop_when=None) -> dict:
@@ -150,20 +162,18 @@ def train_sft(model, tokenizer, train: list[TokenizedExample], held_out: list[To
         log.drop_stage(stage)
         log.log(stage, 0, eval_loss=eval_loss)
     first_eval = eval_loss
+    epoch_batches: dict[int, list[list[int]]] = {}
     model.train()
     started, tokens_seen = time.time(), 0
     bar = tqdm(range(start_step, total_steps), desc=stage, initial=start_step, total=total_steps, dynamic_ncols=True)
     for step in bar:
         epoch, position = divmod(step, steps_per_epoch)
-        indices = _batches(kept, config.batch_size, epoch, config.seed)[position]
+        if epoch not in epoch_batches:   # the epoch's order, computed once (not every step)
+            epoch_batches = {epoch: _batches(kept, config.batch_size, epoch, config.seed)}
+        indices = epoch_batches[epoch][position]
         lr = scheduled_lr(config.lr, step, config.schedule_steps or total_steps, config.warmup_steps, config.schedule)
         set_lr(optimizer, lr)
-        num_targets = sum(sum(kept[i].loss_mask[1:]) for i in indices)
-        loss_value = 0.0
-        for group in micro_batches(lengths, indices, config.micro_batch_tokens):
-            nll, _ = batch_nll(model, kept, group, pad_id, model.device)
-            (nll / num_targets).backward()
-            loss_value += float(nll.detach()) / num_targets
+        loss_value = backward_batch(model, kept, indices, lengths, pad_id, config.micro_batch_tokens)
         stepped, grad_norm = guarded_step(optimizer, loss_value, config.max_grad_norm)
         skipped += not stepped
         tokens_seen += sum(len(kept[i].ids) for i in indices)
@@ -215,11 +225,12 @@ def full_text_examples(tokenizer, problems: list) -> list[TokenizedExample]:
 def format_monitor(model, tokenizer, problems: list):
     """A callable returning {"restate_rate": ...}: how often greedy answers copy the question's numbers."""
     engine = RolloutEngine(model, tokenizer)
-    requests = [RolloutRequest(tokenizer.encode(build_prompt("tiny", p.question, tools=False))) for p in problems]
+    requests = [RolloutRequest(encode_prompt(tokenizer, "tiny", p.question, tools=False)) for p in problems]
     config = SamplingConfig(max_new_tokens=48, temperature=0.0, max_tool_calls=0, batch_size=len(problems))
 
     def monitor() -> dict:
         rollouts = engine.generate(requests, config)
-        return {"restate_rate": sum(tasks.restates_question(p, r.text) for p, r in zip(problems, rollouts)) / len(problems)}
+        restated = sum(tasks.restates_question(p, r.text) for p, r in zip(problems, rollouts))
+        return {"restate_rate": restated / len(problems)}
 
     return monitor

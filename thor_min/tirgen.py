@@ -165,7 +165,7 @@ class LLMCritic:
 # The actor-critic loop
 
 
-def _cut_chunk(text: str, finished_by: str, delimiter: str) -> str:
+def _cut_chunk(text: str, finished_by: str) -> str:
     """An actor chunk ends at the delimiter; a chunk cut by the token limit goes back to its last newline."""
     if finished_by == "length" and "\n" in text:
         return text[:text.rindex("\n") + 1]
@@ -186,7 +186,7 @@ def generate_attempts(engine, critic, problems: list[Problem], config: TIRGenCon
         requests = [RolloutRequest(tokenize_example(tokenizer, prompts[a.problem_id], a.response,
                                                     add_eos=False).ids) for a in active]
         rollouts = engine.generate(requests, actor, seed=config.seed * 1000 + chunk_index)
-        chunks = [_cut_chunk(r.text, r.finish_reason, config.step_delimiter) for r in rollouts]
+        chunks = [_cut_chunk(r.text, r.finish_reason) for r in rollouts]
         rewritten = critic.rewrite(chunks)
         for attempt, rollout, chunk, new_text in zip(active, rollouts, chunks, rewritten):
             _advance(attempt, rollout, chunk, new_text, config, tokenizer)
