@@ -6,7 +6,8 @@
     python train.py --stage rl --resume      # one stage; --resume continues an interrupted run
 
 Every default lives in thor_min/config.py (one preset per model alias); flags below override it.
-Outputs go to --out (default runs/<model>): metrics.jsonl, curves.png, report.md, summary.json, ablation.png.
+Outputs go to --out (default runs/<model>): metrics.jsonl, curves.png, report.md, summary.json, ablation.png,
+templates.png; --report-to tensorboard|wandb|trackio also sends the metrics to those trackers.
 """
 
 import argparse
@@ -30,6 +31,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                      "TIRGen problems (cot-sft) and RL without tools (cot-rl)")
     run.add_argument("--seed", type=int, default=0, help="seed for data order, sampling and init (default: 0)")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
+    run.add_argument("--report-to", nargs="+", default=["none"], metavar="TRACKER",
+                     help="also send metrics to none, or any of tensorboard, wandb, trackio (metrics.jsonl is always "
+                          "written; each tracker is an extra: pip install -e \".[tensorboard]\")")
     data = parser.add_argument_group("data")
     data.add_argument("--train-data", help="TIRGen/RL problems: a .jsonl file, hf:OWNER/NAME[:SPLIT], or tiny")
     data.add_argument("--benchmarks", nargs="+", help="evaluation sets (default: the preset's)")
@@ -96,7 +100,8 @@ def build_run(args):
                       rl_minibatches=args.rl_minibatches, rl_variants=variants, eval_samples=args.eval_samples,
                       self_correct=args.self_correct)
     out = args.out or Path("runs") / args.model.strip("/").replace("/", "--")
-    return Run(preset=preset, out=out, seed=args.seed, device=args.device, resume=args.resume, ablation=args.ablation)
+    return Run(preset=preset, out=out, seed=args.seed, device=args.device, resume=args.resume, ablation=args.ablation,
+               report_to=tuple(args.report_to))
 
 
 def check_out_dir(args, out: Path) -> None:
@@ -114,6 +119,13 @@ def check_out_dir(args, out: Path) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = args.out or Path("runs") / args.model.strip("/").replace("/", "--")
+    from thor_min.trackers import TrackerError, check_report_to
+
+    try:
+        check_report_to(args.report_to)
+    except TrackerError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     check_out_dir(args, out)
     import torch
 
@@ -122,8 +134,10 @@ def main(argv=None) -> int:
     from thor_min.pipeline import run_stages
 
     silence_library_logs()
+    run = None
     try:
-        run_stages(build_run(args), args.stage)
+        run = build_run(args)
+        run_stages(run, args.stage)
     except (ModelLoadError, DataError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -134,6 +148,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"\ninterrupted: continue with python train.py --resume --out {out} ...", file=sys.stderr)
         return 130
+    finally:
+        if run is not None:
+            run.log.close()
     return 0
 
 

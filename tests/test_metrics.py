@@ -5,10 +5,9 @@ import math
 
 import numpy as np
 import torch
+from PIL import Image
 
 from thor_min.metrics import MetricsLog
-from thor_min.plot import read_png
-from thor_min.png import read_png_size
 
 NEVER = 1e12   # plot_every_s that keeps `log` from redrawing the PNG
 
@@ -77,10 +76,9 @@ def test_plot_writes_a_valid_png(tmp_path):
         log.log("sft", step, loss=3.0 / step, eval_loss=float("nan") if step == 2 else 3.2 / step)
         log.log("rl", step, reward=0.1 * step)
     log.plot()
-    width, height = read_png_size(log.plot_path)
-    image = read_png(log.plot_path)   # checks every chunk's CRC
-    assert image.shape == (height, width, 3) and width > 100 and height > 100, f"odd PNG size {image.shape}"
-    assert len(np.unique(image.reshape(-1, 3), axis=0)) > 2, "the plot looks blank"
+    with Image.open(log.plot_path) as image:
+        image.verify()   # checks the PNG's chunks and CRCs
+        assert image.format == "PNG" and image.size[0] > 1000 and image.size[1] > 300, f"odd PNG {image.size}"
 
 
 def test_plot_without_rows_writes_nothing(tmp_path):

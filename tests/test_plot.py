@@ -1,257 +1,178 @@
-"""Tests for the hand-written PNG plotter `thor_min.plot` and its bitmap font."""
+"""The run's figures (`thor_min.plot`): smoothing, the curves layout, the ablation bars, the template heat map.
 
-import os
-import string
-import struct
-import zlib
+Figures are checked through matplotlib's objects (axes, lines, bars, image data), never through pixels.
+"""
 
+import math
+
+import matplotlib.colors
+from matplotlib.container import BarContainer
 import numpy as np
 import pytest
+from PIL import Image
 
-from thor_min import plot, png
-from thor_min.plot import (
-    COLOR_CYCLE, Panel, PlotArea, draw_line, draw_series, format_tick, new_canvas,
-    nice_ticks, read_png, read_png_size, save_bar_chart, save_line_panels, write_png,
-)
-from thor_min.plot_font import GLYPH_HEIGHT, GLYPHS, draw_text, glyph_mask, text_width
+from thor_min.plot import (ablation_figure, curves_figure, plt, save_ablation, save_curves, save_templates, smooth,
+                           templates_figure)
 
-RED = (200, 0, 0)
-ABLATIONS = ["base-cot", "cold-start", "traj-rl", "step-rl", "self-correct", "cot-rl"]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def png_chunks(data: bytes) -> list[tuple[bytes, bytes, int]]:
-    """(type, body, stored CRC) of every chunk, parsed independently of the module under test."""
-    chunks, position = [], 8
-    while position < len(data):
-        (length,) = struct.unpack(">I", data[position:position + 4])
-        kind = data[position + 4:position + 8]
-        body = data[position + 8:position + 8 + length]
-        (crc,) = struct.unpack(">I", data[position + 8 + length:position + 12 + length])
-        chunks.append((kind, body, crc))
-        position += 12 + length
-    return chunks
+def metrics_rows(rl_steps: int = 40) -> list[dict]:
+    rng = np.random.default_rng(0)
+    rows = [{"stage": "pretrain", "step": s, "loss": 5.0 / s, "lr": 1e-3} for s in range(1, 31)]
+    rows += [{"stage": "sft", "step": s, "loss": 2.0 / s} for s in range(1, 21)]
+    for stage in ("rl-traj", "rl"):
+        rows.append({"stage": stage, "step": 0, "eval_accuracy": 0.2})
+        rows += [{"stage": stage, "step": s, "reward": float(rng.random()), "cell_pass_rate": 0.9,
+                  "step_pass_rate": None if stage == "rl-traj" else 0.5} for s in range(1, rl_steps + 1)]
+        rows.append({"stage": stage, "step": rl_steps, "eval_accuracy": 0.4})
+    return rows
 
 
-def two_series_panels() -> list[Panel]:
-    steps = list(range(50))
-    return [
-        Panel("reward", {"train": (steps, [0.01 * s for s in steps]), "eval": (steps, [0.3] * 50)}),
-        Panel("kl", {"kl": (steps, [1e-5 * s for s in steps])}, ylabel="nats"),
-    ]
+def panel(figure, block_title: str, panel_title: str):
+    """The axes titled `panel_title` inside the sub-figure whose title starts with `block_title`."""
+    for subfigure in figure.subfigs:
+        if subfigure._suptitle.get_text().startswith(block_title):
+            found = [axis for axis in subfigure.axes if axis.get_title() == panel_title]
+            assert len(found) == 1, f"{panel_title!r} panels in {block_title!r}: {len(found)}"
+            return found[0]
+    raise AssertionError(f"no block {block_title!r} in {[s._suptitle.get_text() for s in figure.subfigs]}")
 
 
-def is_color(image: np.ndarray, color) -> np.ndarray:
-    return np.all(image == np.array(color, np.uint8), axis=-1)
+# ----------------------------------------------------------------------------- smoothing
+
+def test_smooth_keeps_a_constant_series_constant():
+    assert smooth([3.0] * 20) == pytest.approx([3.0] * 20), "debiasing must keep a constant at its value"
 
 
-# ----------------------------------------------------------------------------- PNG file format
-
-def test_png_starts_with_signature_and_ihdr_has_the_image_size(tmp_path):
-    path = tmp_path / "a.png"
-    write_png(path, new_canvas(37, 11))
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n", "PNG signature missing"
-    kind, body, _ = png_chunks(data)[0]
-    assert kind == b"IHDR", "first chunk must be IHDR"
-    assert struct.unpack(">IIBBBBB", body) == (37, 11, 8, 2, 0, 0, 0), "IHDR must say 37x11, 8-bit RGB"
-    assert read_png_size(path) == (37, 11), "read_png_size disagrees with IHDR"
+def test_smooth_is_the_debiased_exponential_average():
+    # weight 0.5: s1 = 0.5 * 0 / 0.5 = 0; s2 = (0.25 * 0 + 0.5 * 10) / 0.75
+    assert smooth([0.0, 10.0], weight=0.5) == pytest.approx([0.0, 10.0 * 0.5 / 0.75]), "wrong EMA values"
+    assert smooth([1.0, 5.0, -2.0], weight=0.0) == [1.0, 5.0, -2.0], "weight 0 must return the raw values"
 
 
-def test_every_chunk_crc_verifies_and_chunks_are_in_order(tmp_path):
+def test_smooth_skips_gaps_without_moving_the_average():
+    out = smooth([1.0, None, float("nan"), 3.0], weight=0.5)
+    assert math.isnan(out[1]) and math.isnan(out[2]), f"gaps must stay gaps: {out}"
+    assert [out[0], out[3]] == pytest.approx(smooth([1.0, 3.0], weight=0.5)), "a gap must not move the average"
+
+
+def test_smooth_reduces_noise():
+    noise = np.random.default_rng(1).normal(size=400)
+    assert np.std(smooth(list(noise))) < 0.5 * np.std(noise), "smoothing should cut white noise by more than half"
+
+
+def test_smooth_rejects_a_weight_of_one():
+    with pytest.raises(ValueError, match="smoothing weight"):
+        smooth([1.0], weight=1.0)
+
+
+# ----------------------------------------------------------------------------- curves
+
+def test_curves_have_one_block_per_stage_family_in_order():
+    figure = curves_figure(metrics_rows())
+    titles = [subfigure._suptitle.get_text() for subfigure in figure.subfigs]
+    assert titles == ["pretraining: pretrain", "cold-start SFT: sft", "RL: rl-traj, rl"], titles
+    plt.close(figure)
+
+
+def test_panels_of_a_block_share_their_x_axis():
+    figure = curves_figure(metrics_rows())
+    reward, passing = panel(figure, "RL", "reward (sampled trajectories)"), panel(figure, "RL", "cell pass rate")
+    assert reward.get_shared_x_axes().joined(reward, passing), "RL panels must share the step axis"
+    pretrain_loss = panel(figure, "pretraining", "loss")
+    assert not reward.get_shared_x_axes().joined(reward, pretrain_loss), "blocks must not share x with each other"
+    assert {axis.get_xlabel() for axis in figure.subfigs[2].axes if axis.get_visible()} >= {"step"}, "no step label"
+    plt.close(figure)
+
+
+def test_noisy_rl_series_are_smoothed_over_faint_raw_values():
+    figure = curves_figure(metrics_rows())
+    lines = panel(figure, "RL", "reward (sampled trajectories)").get_lines()
+    assert len(lines) == 4, f"expected raw + smoothed for each of 2 stages, got {len(lines)} lines"
+    raw, smoothed = lines[0], lines[1]
+    assert raw.get_alpha() < 0.5 and smoothed.get_alpha() in (None, 1.0), "raw values must be faint behind"
+    assert list(smoothed.get_ydata()) == pytest.approx(smooth(list(raw.get_ydata()))), "the top line is smooth(raw)"
+    assert smoothed.get_label() == "rl-traj" and raw.get_label().startswith("_"), "only the smoothed line is named"
+    plt.close(figure)
+
+
+def test_sparse_evaluations_are_drawn_as_points():
+    figure = curves_figure(metrics_rows())
+    lines = panel(figure, "RL", "greedy accuracy (held out)").get_lines()
+    assert [list(line.get_xdata()) for line in lines] == [[0, 40], [0, 40]], "eval points at steps 0 and 40"
+    assert all(line.get_marker() == "o" for line in lines), "sparse series need markers"
+    plt.close(figure)
+
+
+def test_two_metrics_in_one_panel_get_their_own_names():
+    figure = curves_figure(metrics_rows())
+    labels = [line.get_label() for line in panel(figure, "RL", "cell pass rate").get_lines()]
+    assert "rl step_pass_rate" in labels and "rl cell_pass_rate" in labels, labels
+    assert "rl-traj step_pass_rate" not in labels, "a metric a stage never measured must not be drawn"
+    plt.close(figure)
+
+
+def test_an_unknown_stage_gets_one_panel_per_metric():
+    figure = curves_figure([{"stage": "probe", "step": s, "b": s, "a": -s} for s in range(3)])
+    assert [axis.get_title() for axis in figure.subfigs[0].axes if axis.get_visible()] == ["a", "b"]
+    plt.close(figure)
+
+
+def test_save_curves_writes_a_png_of_the_figure_size(tmp_path):
     path = tmp_path / "curves.png"
-    save_line_panels(path, two_series_panels(), title="run")
-    chunks = png_chunks(path.read_bytes())
-    for kind, body, crc in chunks:
-        assert zlib.crc32(kind + body) == crc, f"CRC mismatch in {kind!r} chunk"
-    kinds = [kind for kind, _, _ in chunks]
-    assert kinds[0] == b"IHDR" and kinds[-1] == b"IEND" and b"IDAT" in kinds, f"bad chunk order {kinds}"
+    assert save_curves(path, metrics_rows()), "rows given, a figure expected"
+    assert path.read_bytes()[:8] == PNG_SIGNATURE, "not a PNG file"
+    with Image.open(path) as image:
+        width, height = image.size
+    assert width == 4.2 * 4 * 100 and height > 900, f"unexpected size {width}x{height}"
+    assert not list(tmp_path.glob("*.tmp")), "the temporary file must be renamed"
 
 
-def test_decoding_returns_exactly_the_pixels_written(tmp_path):
-    image = np.random.default_rng(0).integers(0, 256, size=(13, 29, 3), dtype=np.uint8)
-    write_png(tmp_path / "noise.png", image)
-    decoded = read_png(tmp_path / "noise.png")
-    assert decoded.shape == (13, 29, 3), f"decoded shape {decoded.shape}"
-    assert np.array_equal(decoded, image), "decoded pixels differ from the written ones"
+def test_save_curves_without_rows_writes_nothing(tmp_path):
+    assert not save_curves(tmp_path / "curves.png", []) and not (tmp_path / "curves.png").exists()
 
 
-def test_corrupted_file_is_rejected(tmp_path):
-    path = tmp_path / "a.png"
-    write_png(path, new_canvas(8, 8))
-    data = bytearray(path.read_bytes())
-    data[45] ^= 0xFF                                   # a byte inside the IDAT body
-    path.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="CRC"):
-        read_png(path)
+# ----------------------------------------------------------------------------- ablation bars and templates
+
+def summary_rows() -> list[dict]:
+    def row(name, accuracy, tools, kinds):
+        return {"name": name, "accuracy": accuracy, "ci95": [accuracy - 0.05, accuracy + 0.05], "tools": tools,
+                "benchmarks": {"tiny": {"kinds": kinds}, "tiny-heldout": {"kinds": {"orchard": accuracy / 2}}}}
+    return [row("base-cot", 0.1, False, {"product": 0.0, "gcd": 0.2}),
+            row("step-rl", 0.6, True, {"product": 0.9, "gcd": 0.3})]
 
 
-def test_line_figure_decodes_to_the_grid_size(tmp_path):
-    path = tmp_path / "curves.png"
-    save_line_panels(path, two_series_panels() * 2, columns=3)
-    height, width, _ = read_png(path).shape
-    expected = (3 * plot.PANEL_WIDTH, 2 * plot.PANEL_HEIGHT)
-    assert (width, height) == expected, "4 panels in 3 columns make a 3x2 grid"
+def test_ablation_bars_show_each_row_with_its_interval():
+    figure = ablation_figure(summary_rows(), samples=4)
+    axis = figure.axes[0]
+    bars = next(c for c in axis.containers if isinstance(c, BarContainer))
+    assert [bar.get_height() for bar in bars] == pytest.approx([10.0, 60.0]), "bar heights are accuracy in %"
+    assert [t.get_text() for t in axis.get_xticklabels()] == ["base-cot", "step-rl"], "one labelled bar per row"
+    whiskers = bars.errorbar.lines[2][0].get_segments()
+    assert [tuple(s[:, 1]) for s in whiskers] == [pytest.approx((5.0, 15.0)), pytest.approx((55.0, 65.0))]
+    assert matplotlib.colors.to_hex(bars[0].get_facecolor()) != matplotlib.colors.to_hex(bars[1].get_facecolor()), \
+        "plain-CoT and tool rows must differ in color"
+    assert axis.get_ylim() == (0, 100) and "Avg@4" in axis.get_title(), axis.get_title()
+    plt.close(figure)
 
 
-def test_output_is_deterministic(tmp_path):
-    save_line_panels(tmp_path / "a.png", two_series_panels(), title="same")
-    save_line_panels(tmp_path / "b.png", two_series_panels(), title="same")
-    same = (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
-    assert same, "the same input gave different bytes"
+def test_template_map_has_a_cell_per_row_and_kind_held_out_last():
+    figure = templates_figure(summary_rows())
+    axis = figure.axes[0]
+    assert [t.get_text() for t in axis.get_xticklabels()] == ["product", "gcd", "orchard"], "held-out kinds go last"
+    data = np.asarray(axis.get_images()[0].get_array())
+    assert np.allclose(data, [[0.0, 20.0, 5.0], [90.0, 30.0, 30.0]]), data
+    assert [t.get_fontstyle() for t in axis.get_xticklabels()] == ["normal", "normal", "italic"], "mark held-out kinds"
+    plt.close(figure)
 
 
-def test_atomic_write_leaves_only_the_final_file(tmp_path):
-    save_bar_chart(tmp_path / "bars.png", ["a", "b"], [0.2, 0.4])
-    save_bar_chart(tmp_path / "bars.png", ["a", "b"], [0.3, 0.1])      # overwrite in place
-    assert sorted(os.listdir(tmp_path)) == ["bars.png"], f"leftover files: {os.listdir(tmp_path)}"
+def test_rows_without_kinds_give_no_template_map(tmp_path):
+    rows = [{"name": "step-rl", "accuracy": 0.5, "ci95": [0.4, 0.6], "benchmarks": {"math500": {}}}]
+    assert templates_figure(rows) is None and not save_templates(tmp_path / "t.png", rows)
 
 
-def test_failed_write_keeps_the_old_file_and_no_temp_file(tmp_path, monkeypatch):
-    path = tmp_path / "a.png"
-    write_png(path, new_canvas(4, 4))
-    before = path.read_bytes()
-
-    def broken_replace(source, target):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(png.os, "replace", broken_replace)
-    with pytest.raises(OSError):
-        write_png(path, new_canvas(9, 9))
-    assert path.read_bytes() == before, "a failed write must not touch the existing file"
-    assert os.listdir(tmp_path) == ["a.png"], "a failed write must remove its temporary file"
-
-
-# ----------------------------------------------------------------------------- raster drawing
-
-def test_line_paints_its_path_and_nothing_else():
-    image = new_canvas(50, 30)
-    draw_line(image, 5, 5, 40, 20, RED)
-    painted = is_color(image, RED)
-    for x in range(5, 41):
-        y = round(5 + (x - 5) * 15 / 35)
-        assert painted[y, x], f"pixel ({x}, {y}) on the line is not painted"
-    assert painted.sum() == 36, f"a 1-px line over 36 columns paints 36 pixels, got {painted.sum()}"
-    assert np.all(image[~painted] == 255), "background off the line changed"
-
-
-def test_wide_line_is_two_pixels_thick():
-    image = new_canvas(20, 10)
-    draw_line(image, 2, 4, 17, 4, RED, width=2)
-    rows = np.flatnonzero(is_color(image, RED).any(axis=1))
-    assert rows.tolist() == [4, 5], f"a 2-px horizontal line covers rows 4-5, got {rows.tolist()}"
-
-
-def test_text_puts_ink_inside_its_box_only():
-    image = new_canvas(80, 40)
-    draw_text(image, 10, 12, "Hi:5", RED, scale=2)
-    ink = is_color(image, RED)
-    box = np.zeros_like(ink)
-    box[12:12 + GLYPH_HEIGHT * 2, 10:10 + text_width("Hi:5", 2)] = True
-    assert ink.sum() > 40, "text drew almost no ink"
-    assert not np.any(ink & ~box), "text ink outside its bounding box"
-
-
-def test_font_has_a_distinct_glyph_for_every_printable_character():
-    printable = [chr(code) for code in range(32, 127)]
-    assert set(printable) <= set(GLYPHS), f"missing glyphs: {sorted(set(printable) - set(GLYPHS))}"
-    shapes = {char: glyph_mask(char).tobytes() for char in printable}
-    duplicates = [c for c in printable if list(shapes.values()).count(shapes[c]) > 1]
-    assert not duplicates, f"glyphs drawn identically: {duplicates}"
-    assert all(glyph_mask(c).any() for c in string.ascii_letters + string.digits), "a glyph has no ink"
-
-
-# ----------------------------------------------------------------------------- series and ticks
-
-def test_series_colors_appear_in_the_figure(tmp_path):
-    save_line_panels(tmp_path / "c.png", two_series_panels())
-    image = read_png(tmp_path / "c.png")
-    for index in (0, 1):
-        assert is_color(image, COLOR_CYCLE[index]).sum() > 100, f"series color {index} barely visible"
-
-
-def test_nan_values_leave_a_gap_in_the_line():
-    image = new_canvas(100, 50)
-    area = PlotArea(0, 0, 99, 49, 0.0, 9.0, 0.0, 1.0)
-    ys = [0.5, 0.5, 0.5, 0.5, float("nan"), None, 0.5, 0.5, 0.5, 0.5]
-    draw_series(image, area, np.arange(10.0), plot.float_array(ys), RED)
-    painted_columns = is_color(image, RED).any(axis=0)
-    gap = slice(int(area.x_px(3)) + 5, int(area.x_px(6)) - 4)
-    assert not painted_columns[gap].any(), "the line was drawn across the NaN gap"
-    assert painted_columns[:30].all() and painted_columns[70:].all(), "the runs beside the gap are missing"
-
-
-def test_a_single_point_still_shows_as_a_marker():
-    image = new_canvas(60, 60)
-    area = PlotArea(0, 0, 59, 59, 0.0, 2.0, 0.0, 2.0)
-    draw_series(image, area, np.array([1.0]), np.array([1.0]), RED)
-    painted = is_color(image, RED)
-    assert painted[28:32, 28:32].all(), "the lone point has no marker at its position"
-
-
-@pytest.mark.parametrize("series", [
-    {},                                                   # a panel without series
-    {"empty": ([], [])},
-    {"constant": ([0, 1, 2], [5.0, 5.0, 5.0])},
-    {"zeros": ([0, 1, 2], [0.0, 0.0, 0.0])},
-    {"one point": ([7], [0.5])},
-    {"all gaps": ([0, 1], [None, float("nan")])},
-    {"infinite": ([0, 1, 2], [1.0, float("inf"), 2.0])},
-    {"tiny": ([0, 1], [1e-9, 2e-9]), "huge": ([0, 1], [3e9, 1e9])},
-])
-def test_degenerate_series_still_write_a_valid_png(tmp_path, series):
-    save_line_panels(tmp_path / "d.png", [Panel("degenerate", series)])
-    assert read_png(tmp_path / "d.png").shape[:2] == (plot.PANEL_HEIGHT, plot.PANEL_WIDTH), "bad image size"
-
-
-def test_no_panels_and_no_bars_still_write_images(tmp_path):
-    save_line_panels(tmp_path / "none.png", [], title="empty run")
-    save_bar_chart(tmp_path / "none-bars.png", [], [])
-    assert read_png_size(tmp_path / "none.png")[0] > 0 and read_png_size(tmp_path / "none-bars.png")[0] > 0
-
-
-def test_mismatched_series_lengths_raise(tmp_path):
-    with pytest.raises(ValueError, match="2 x values but 3 y values"):
-        save_line_panels(tmp_path / "m.png", [Panel("bad", {"s": ([0, 1], [1, 2, 3])})])
-
-
-@pytest.mark.parametrize("lo, hi", [(0, 1), (0.13, 0.71), (-3, 250), (1e-6, 4e-5), (998, 1003), (5, 5)])
-def test_nice_ticks_use_1_2_5_steps_and_cover_the_range(lo, hi):
-    axis_lo, axis_hi, ticks, step = nice_ticks(lo, hi, max_ticks=6)
-    mantissa = round(step / 10 ** np.floor(np.log10(step)), 6)
-    assert mantissa in (1, 2, 5), f"step {step} is not 1, 2 or 5 times a power of ten"
-    assert axis_lo <= lo and axis_hi >= hi and axis_hi > axis_lo, f"axis {axis_lo}..{axis_hi} misses data"
-    assert 2 <= len(ticks) <= 6, f"{len(ticks)} ticks"
-
-
-@pytest.mark.parametrize("value, step, text", [
-    (0.0, 0.2, "0"), (0.25, 0.05, "0.25"), (1.0, 0.2, "1"), (1500, 500, "1.5k"),
-    (2e-05, 1e-05, "2e-05"), (3_000_000, 1_000_000, "3M"), (-40, 20, "-40"),
-    (0.30000000000000004, 0.1, "0.3"),
-])
-def test_tick_labels_are_compact(value, step, text):
-    assert format_tick(value, step) == text, f"format_tick({value}, {step})"
-
-
-# ----------------------------------------------------------------------------- bar chart
-
-def test_bar_heights_are_ordered_like_the_values(tmp_path):
-    values = [0.31, 0.62, 0.12, 0.48]
-    save_bar_chart(tmp_path / "bars.png", ABLATIONS[:4], values,
-                   lows=[v - 0.05 for v in values], highs=[v + 0.05 for v in values], title="accuracy")
-    image = read_png(tmp_path / "bars.png")
-    heights = [is_color(image, COLOR_CYCLE[index]).sum(axis=0).max() for index in range(4)]
-    assert np.argsort(heights).tolist() == np.argsort(values).tolist(), f"bar heights {heights}"
-    ratio = heights[1] / heights[2]
-    assert abs(ratio - 0.62 / 0.12) < 0.3, f"bars are not proportional to values: {heights}"
-
-
-def test_bar_chart_with_ymax_missing_values_and_long_labels(tmp_path):
-    save_bar_chart(tmp_path / "b.png", ["a-very-long-ablation-name", "b"], [1.3, None], ymax=1.0,
-                   lows=[1.1, None], highs=[1.5, None], ylabel="accuracy")
-    assert read_png_size(tmp_path / "b.png")[1] > 0, "bar chart not written"
-
-
-def test_far_off_whisker_ends_are_clipped_not_drawn_in_full(tmp_path):
-    save_bar_chart(tmp_path / "w.png", ["wide"], [0.5], lows=[-1e12], highs=[1e12], ymax=1.0)
-    image = read_png(tmp_path / "w.png")
-    assert is_color(image, plot.WHISKER).sum() > 100, "the clipped whisker should still cross the plot"
+def test_save_ablation_writes_a_png(tmp_path):
+    save_ablation(tmp_path / "ablation.png", summary_rows(), samples=2)
+    with Image.open(tmp_path / "ablation.png") as image:
+        assert image.format == "PNG" and image.size == (700, 480), image.size

@@ -1,8 +1,10 @@
 """The run report: the plain-language reading of the ablation rows, and report.md / ablation.png."""
 
-from thor_min.plot import read_png
-from thor_min.png import read_png_size
-from thor_min.report import reading, table, write_report
+import json
+
+from PIL import Image
+
+from thor_min.report import main, reading, table, write_report
 
 
 def row(name, accuracy, ci95, *, pass_rate=0.8, tokens=100.0, heldout=None):
@@ -114,5 +116,19 @@ def test_write_report_writes_markdown_and_png(tmp_path):
     positions = [text.index(f"| {name} |") for name in ("base-cot", "cold-start", "step-rl")]
     assert positions == sorted(positions), "rows should be in claim order (base-cot, cold-start, step-rl)"
     assert "## Reading" in text and "10.0 minutes on 2 CPU cores" in text, text[:400]
-    width, height = read_png_size(tmp_path / "ablation.png")
-    assert read_png(tmp_path / "ablation.png").shape == (height, width, 3), "ablation.png is not a valid PNG"
+    with Image.open(tmp_path / "ablation.png") as image:
+        assert image.format == "PNG", "ablation.png is not a PNG"
+    assert "](ablation.png)" in text, "report.md must show ablation.png"
+    assert not (tmp_path / "templates.png").exists() and "templates.png" not in text, \
+        "rows without per-kind accuracy get no template chart"
+
+
+def test_report_links_the_template_chart_when_kinds_were_measured(tmp_path):
+    kinds = {"tiny": {"kinds": {"product": 0.5, "gcd": 1.0}}, "tiny-heldout": {"kinds": {"orchard": 0.0}}}
+    rows = [{**row("cold-start", 0.4, (0.3, 0.5)), "benchmarks": kinds}]
+    summary = {"rows": rows, "seconds": 60.0, "cores": 2, "model": "tiny", "samples": 2, "temperature": 0.6}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    main([str(tmp_path)])   # python -m thor_min.report OUT: regenerates everything from summary.json
+    with Image.open(tmp_path / "templates.png") as image:
+        assert image.format == "PNG", "templates.png is not a PNG"
+    assert "![accuracy per template](templates.png)" in (tmp_path / "report.md").read_text(), "chart not linked"

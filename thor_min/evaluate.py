@@ -8,7 +8,8 @@ Used by `generate.py --bench` and by the train pipeline's eval stage. For each p
   all passed, else the first sample);
 - `cell_call_rate` (samples that executed at least one cell), `cell_pass_rate` (passing / executed cells
   in the final trajectories), `cell_attempts` (executed cells including self-corrected retries) and
-  `tokens` (sampled tokens per sample, retries included: THOR's cost measure).
+  `tokens` (sampled tokens per sample, retries included: THOR's cost measure), and `kinds` (accuracy per
+  problem kind: the tiny world's template, else the benchmark name).
 Every sample is also returned as a `SampleRecord` (written to JSONL by the callers).
 Limits: majority voting compares normalised answer strings, so equivalent forms split the vote.
 """
@@ -56,6 +57,7 @@ class SampleRecord:
     tokens: int = 0
     retries: int = 0
     finish_reason: str = ""
+    kind: str = ""                   # the problem's template (tiny world) or benchmark name
 
 
 def _interval(per_problem: list[float]) -> list[float]:
@@ -88,7 +90,18 @@ def summarise(records: list[SampleRecord], samples: int) -> dict:
         "cells_per_sample": len(cells) / len(records),
         "cell_attempts": (len(cells) + sum(r.retries for r in records)) / len(records),
         "tokens": sum(r.tokens for r in records) / len(records),
+        "kinds": kind_accuracy(records),
     }
+
+
+def kind_accuracy(records: list[SampleRecord]) -> dict[str, float]:
+    """Accuracy per problem kind (tiny-world template or benchmark name), kinds in first-seen order."""
+    totals: dict[str, list[int]] = {}
+    for record in records:
+        counts = totals.setdefault(record.kind, [0, 0])
+        counts[0] += bool(record.correct)
+        counts[1] += 1
+    return {kind: correct / seen for kind, (correct, seen) in totals.items()}
 
 
 def sample_rollouts(engine, problems: list[Problem], template: str, config: EvalConfig, *, tools: bool = True,
@@ -108,7 +121,8 @@ def sample_record(problem: Problem, rollout, correct: bool | None) -> SampleReco
     cells = [{"code": c.code, "passed": c.passed, "observation": c.observation} for c in rollout.executed_cells]
     return SampleRecord(id=problem.id, problem=problem.question, gold=problem.answer, completion=rollout.text,
                         correct=correct, answer=extract_boxed(rollout.text), cells=cells,
-                        tokens=rollout.sampled_tokens, retries=rollout.retries, finish_reason=rollout.finish_reason)
+                        tokens=rollout.sampled_tokens, retries=rollout.retries, finish_reason=rollout.finish_reason,
+                        kind=problem.kind)
 
 
 def evaluate(engine, problems: list[Problem], template: str, config: EvalConfig, *, tools: bool = True,

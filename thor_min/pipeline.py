@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,6 +38,7 @@ from thor_min.sandbox import Sandbox
 from thor_min.sft import (SFTConfig, TokenizedExample, format_monitor, full_text_examples, pack_examples,
                           tokenize_example, train_sft)
 from thor_min.tirgen import LLMCritic, RuleCritic, TIRGenConfig, run_tirgen
+from thor_min.trackers import open_trackers
 
 STAGES = ("pretrain", "tirgen", "sft", "rl", "eval")
 RL_VARIANTS = {  # directory -> (starts from, tools, step level)
@@ -57,11 +58,13 @@ class Run:
     device: str = "auto"
     resume: bool = False
     ablation: bool = False
+    report_to: tuple[str, ...] = ()   # experiment trackers besides metrics.jsonl (thor_min.trackers)
     log: MetricsLog = field(init=False)
 
     def __post_init__(self):
         self.out = Path(self.out)
-        self.log = MetricsLog(self.out)
+        settings = {**asdict(self.preset), "seed": self.seed, "device": self.device, "ablation": self.ablation}
+        self.log = MetricsLog(self.out, trackers=open_trackers(self.report_to, self.out, self.out.name, settings))
 
     @property
     def is_tiny(self) -> bool:

@@ -1,403 +1,240 @@
-"""Hand-written PNG plots: training-curve panels and an evaluation bar chart.
+"""The run's figures, drawn with matplotlib: training curves, the ablation bars, accuracy per template.
 
-What it does: draws line-chart panels (one metric per panel, one or more named series each) and a
-bar chart with interval whiskers into a numpy RGB raster, then hands it to `thor_min.png`, which
-encodes the PNG by hand and writes it atomically (its names are re-exported here, so
-`from thor_min.plot import read_png` keeps working). Text uses the bitmap font of `thor_min.plot_font`.
+- `save_curves(path, rows)`: `curves.png` from the rows of `metrics.jsonl`, one block of panels per stage
+  family (pretraining, SFT, RL) with the x-axis (optimiser step) shared inside a block. Noisy series are
+  smoothed (`smooth`, a debiased exponential moving average, as TensorBoard's slider) and drawn over their
+  raw values, which stay faint behind; sparse series (held-out evaluations) are drawn as points.
+- `save_ablation(path, rows, samples)`: `ablation.png`, accuracy per ablation row with its 95% interval.
+- `save_templates(path, rows)`: `templates.png`, a heat map of accuracy per row and problem kind (the tiny
+  world's templates, held-out ones marked; for real benchmarks, one column per benchmark).
 
-Design choice: thor-min deliberately has no plotting dependency (no matplotlib, no PIL). Training
-boxes are often headless and minimal; a few hundred lines of numpy + zlib give plots that open in
-any image viewer, are byte-for-byte deterministic, and cannot break on a library upgrade. Reading
-this file is also a compact lesson in what a plotting library does underneath.
-
-Limits: no anti-aliasing (lines are sampled pixel by pixel, 1-2 px wide); one built-in bitmap font
-(printable ASCII; other characters draw as a box) at integer scales; linear axes only; each
-panel's legend is a strip above its plot, never a box on top of the data. PNG limits: `thor_min.png`.
+Design: matplotlib's Agg backend renders to files with no display, so the same code runs on a headless
+training box; each `*_figure` function returns the Figure (tests inspect its axes and lines), and the
+`save_*` function writes it and closes it. Which metrics get a panel is curated in `PANELS`; every
+metric stays in `metrics.jsonl` and in the trackers (`thor_min.trackers`).
+Limits: linear axes; a panel shows the stages of one family only; a resumed run that logged a step twice
+shows both points.
 """
 
 import math
-from dataclasses import dataclass, field
+from pathlib import Path
 
-import numpy as np
+import matplotlib
 
-from thor_min.plot_font import (
-    CAP_HEIGHT, GLYPH_HEIGHT, TEXT_SCALE, draw_text, draw_vertical_text, fit_text, stamp_mask, text_width,
-)
-from thor_min.png import PNG_SIGNATURE, encode_png, png_chunk, read_png, read_png_size, write_png  # noqa: F401
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
-WHITE = (255, 255, 255)
-MUTED = (140, 140, 140)        # "no data" notes
-GRID = (226, 226, 226)
-FRAME = (120, 120, 120)
-WHISKER = (40, 40, 40)
-COLOR_CYCLE = (                # distinguishable on white, in this order
-    (31, 119, 180), (230, 120, 20), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-    (140, 86, 75), (220, 90, 170), (100, 100, 100), (170, 170, 30), (20, 180, 200),
-)
-TITLE_SCALE = 3                # font pixel size of the figure title (labels use TEXT_SCALE)
-LINE_WIDTH = 2                 # data lines, in pixels
-TICK_LENGTH = 5
-PADDING = 14                   # blank border inside each panel
-PANEL_WIDTH, PANEL_HEIGHT = 540, 400
-MARKER_LIMIT = 30              # series with at most this many points also get a dot per point
+SMOOTHING = 0.8          # EMA weight of the previous value (0 = raw, closer to 1 = smoother)
+SMOOTH_MIN_POINTS = 12   # shorter series are drawn raw
+SPARSE_POINTS = 30       # a series with at most this many points (and fewer than its stage's steps) gets markers
+COLUMNS = 4              # panels per row of a block
+STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.titleweight": "bold", "axes.grid": True, "grid.alpha": 0.3,
+         "axes.spines.top": False, "axes.spines.right": False, "legend.fontsize": 9, "legend.frameon": False}
+
+# Stage family -> panels: (title, metric keys drawn in the panel, smoothed?). Keys a run did not log are skipped.
+PANELS = {
+    "pretraining": [("loss", ("loss", "eval_loss"), True), ("restates the question", ("restate_rate",), False),
+                    ("learning rate", ("lr",), False), ("tokens / s", ("tokens_per_s",), False)],
+    "cold-start SFT": [("loss", ("loss", "eval_loss"), True), ("gradient norm", ("grad_norm",), True),
+                       ("learning rate", ("lr",), False), ("tokens / s", ("tokens_per_s",), False)],
+    "RL": [("reward (sampled trajectories)", ("reward",), True), ("greedy accuracy (held out)", ("eval_accuracy",), False),
+           ("cell call rate", ("cell_call_rate",), True), ("cell pass rate", ("cell_pass_rate", "step_pass_rate"), True),
+           ("response tokens", ("response_tokens",), True), ("entropy", ("entropy",), True),
+           ("approx. KL to the rollout policy", ("approx_kl_old",), True),
+           ("clipped tokens", ("clip_frac_high", "clip_frac_low"), True), ("tokens / s (rollout)", ("tokens_per_s",), True)],
+}
+LINE_STYLES = ("-", "--", ":", "-.")
 
 
-@dataclass
-class Panel:
-    """One line chart: `series` maps a legend name to (x values, y values); None/NaN are gaps.
+def smooth(values: list, weight: float = SMOOTHING) -> list[float]:
+    """Debiased exponential moving average; None/NaN stay gaps and do not move the average.
 
-    Series take colors from COLOR_CYCLE in order; a legend strip is drawn when there are two or more.
+    s_t = weight * s_(t-1) + (1 - weight) * x_t, divided by 1 - weight^n (n = points seen) so the curve starts at
+    the first value instead of at zero.
     """
-
-    title: str
-    series: dict[str, tuple[list[float], list[float]]] = field(default_factory=dict)
-    xlabel: str = "step"
-    ylabel: str = ""
-
-
-@dataclass
-class PlotArea:
-    """Where a plot sits in the image (pixel box, inclusive) and which data range it shows."""
-
-    left: int
-    top: int
-    right: int
-    bottom: int
-    xlo: float
-    xhi: float
-    ylo: float
-    yhi: float
-
-    def x_px(self, xs):
-        """Image column of each data x (x values outside the range land outside the box)."""
-        fraction = (np.asarray(xs, float) - self.xlo) / (self.xhi - self.xlo)
-        return self.left + fraction * (self.right - self.left)
-
-    def y_px(self, ys):
-        """Image row of each data y; rows grow downwards, so larger y is nearer the top."""
-        fraction = (np.asarray(ys, float) - self.ylo) / (self.yhi - self.ylo)
-        return self.bottom - fraction * (self.bottom - self.top)
+    if not 0.0 <= weight < 1.0:
+        raise ValueError(f"smoothing weight must be in [0, 1), got {weight}")
+    average, norm, out = 0.0, 0.0, []
+    for value in values:
+        if value is None or not math.isfinite(value):
+            out.append(math.nan)
+            continue
+        average = weight * average + (1.0 - weight) * value
+        norm = weight * norm + (1.0 - weight)
+        out.append(average / norm)
+    return out
 
 
-# ----------------------------------------------------------------------------- raster drawing
-
-def new_canvas(width: int, height: int, color=WHITE) -> np.ndarray:
-    """A (height, width, 3) uint8 RGB image filled with one color."""
-    image = np.empty((height, width, 3), np.uint8)
-    image[:] = color
-    return image
-
-
-def fill_rect(image, x0, y0, x1, y1, color) -> None:
-    """Fill the rectangle with corners (x0, y0) and (x1, y1), both inclusive; clipped to the image."""
-    height, width = image.shape[:2]
-    left, right = max(0, int(min(x0, x1))), min(width - 1, int(max(x0, x1)))
-    top, bottom = max(0, int(min(y0, y1))), min(height - 1, int(max(y0, y1)))
-    if left <= right and top <= bottom:
-        image[top:bottom + 1, left:right + 1] = color
+def stage_family(stage: str) -> str:
+    """Which block of curves.png a stage belongs to (its own name when unknown)."""
+    if stage == "pretrain":
+        return "pretraining"
+    if stage.startswith("sft"):
+        return "cold-start SFT"
+    return "RL" if stage.startswith("rl") else stage
 
 
-def plot_points(image, xs, ys, color, width: int = 1) -> None:
-    """Paint a width x width block at each pixel position; positions off the image are dropped."""
-    height, image_width = image.shape[:2]
-    xs = np.rint(np.asarray(xs, float)).astype(np.int64) - (width - 1) // 2
-    ys = np.rint(np.asarray(ys, float)).astype(np.int64) - (width - 1) // 2
-    for dy in range(width):
-        for dx in range(width):
-            px, py = xs + dx, ys + dy
-            inside = (px >= 0) & (px < image_width) & (py >= 0) & (py < height)
-            image[py[inside], px[inside]] = color
+def series_of(rows: list[dict]) -> dict[str, dict[str, tuple[list, list]]]:
+    """stage -> metric -> (steps, values) from metrics rows; only numeric values (None = not logged)."""
+    out: dict[str, dict[str, tuple[list, list]]] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key in ("stage", "step", "time") or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            steps, values = out.setdefault(row["stage"], {}).setdefault(key, ([], []))
+            steps.append(row["step"])
+            values.append(value)
+    return out
 
 
-def draw_polyline(image, xs, ys, color, width: int = 1) -> None:
-    """Join consecutive pixel positions with straight lines: every segment is sampled once per
-    pixel along its longer axis (the DDA algorithm), all segments at once with numpy."""
-    xs = np.rint(np.asarray(xs, float)).astype(np.int64)
-    ys = np.rint(np.asarray(ys, float)).astype(np.int64)
-    if len(xs) < 2:
-        plot_points(image, xs, ys, color, width)
-        return
-    dx, dy = np.diff(xs), np.diff(ys)
-    samples = np.maximum(np.abs(dx), np.abs(dy)) + 1           # pixels per segment, both ends included
-    segment = np.repeat(np.arange(len(dx)), samples)
-    position = np.arange(len(segment)) - np.repeat(np.cumsum(samples) - samples, samples)
-    fraction = position / np.maximum(samples - 1, 1)[segment]
-    plot_points(image, xs[:-1][segment] + fraction * dx[segment],
-                ys[:-1][segment] + fraction * dy[segment], color, width)
+def family_panels(family: str, stages: dict[str, dict]) -> list[tuple[str, tuple[str, ...], bool]]:
+    """The family's curated panels that have data, or one raw panel per metric for an unknown family."""
+    logged = {key for metrics in stages.values() for key in metrics}
+    if family not in PANELS:
+        return [(key, (key,), False) for key in sorted(logged)]
+    return [(title, keys, smoothed) for title, keys, smoothed in PANELS[family] if logged & set(keys)]
 
 
-def draw_line(image, x0, y0, x1, y1, color, width: int = 1) -> None:
-    """A straight line from (x0, y0) to (x1, y1), both ends included."""
-    draw_polyline(image, [x0, x1], [y0, y1], color, width)
+def draw_panel(axis, title: str, keys: tuple[str, ...], smoothed: bool, stages: dict[str, dict]) -> None:
+    """One panel: per stage a color, per metric key a line style; dense noisy series smoothed over faint raw."""
+    axis.set_title(title)
+    for color_index, (stage, metrics) in enumerate(stages.items()):
+        color = f"C{color_index % 10}"
+        longest = max(len(steps) for steps, _ in metrics.values())
+        for key_index, key in enumerate(keys):
+            if key not in metrics:
+                continue
+            steps, values = metrics[key]
+            values = [math.nan if v is None else v for v in values]
+            label = stage if len(keys) == 1 else f"{stage} {key}"
+            style = LINE_STYLES[key_index % len(LINE_STYLES)]
+            if len(steps) <= SPARSE_POINTS and len(steps) < longest:
+                axis.plot(steps, values, style, marker="o", markersize=4, color=color, label=label)
+            elif smoothed and len(steps) >= SMOOTH_MIN_POINTS:
+                axis.plot(steps, values, style, color=color, alpha=0.2, linewidth=1)
+                axis.plot(steps, smooth(values), style, color=color, linewidth=1.8, label=label)
+            else:
+                axis.plot(steps, values, style, color=color, linewidth=1.5, label=label)
+    if len(axis.get_legend_handles_labels()[1]) > 1:
+        axis.legend(loc="best")
 
 
-def draw_marker(image, x, y, color, radius: int = 3) -> None:
-    """A filled dot centred on (x, y)."""
-    offsets = np.arange(-radius, radius + 1)
-    disc = offsets[:, None] ** 2 + offsets[None, :] ** 2 <= radius * radius + radius
-    stamp_mask(image, int(round(x)) - radius, int(round(y)) - radius, disc, color)
+def curves_figure(rows: list[dict]):
+    """The Figure of curves.png: one sub-figure per stage family, x shared within it. None without rows."""
+    by_family: dict[str, dict[str, dict]] = {}
+    for stage, metrics in series_of(rows).items():
+        by_family.setdefault(stage_family(stage), {})[stage] = metrics
+    blocks = [(family, stages, family_panels(family, stages)) for family, stages in by_family.items()]
+    blocks = [block for block in blocks if block[2]]
+    if not blocks:
+        return None
+    heights = [math.ceil(len(panels) / COLUMNS) for _, _, panels in blocks]
+    with plt.rc_context(STYLE):
+        figure = plt.figure(figsize=(4.2 * COLUMNS, 3.1 * sum(heights) + 0.7 * len(blocks)), layout="constrained")
+        subfigures = figure.subfigures(len(blocks), 1, height_ratios=heights, squeeze=False)[:, 0]
+        for subfigure, (family, stages, panels), height in zip(subfigures, blocks, heights):
+            subfigure.suptitle(f"{family}: {', '.join(stages)}", fontsize=14, fontweight="bold", x=0.01,
+                               horizontalalignment="left")
+            axes = subfigure.subplots(height, COLUMNS, sharex=True, squeeze=False).ravel()
+            for axis, (title, keys, smoothed) in zip(axes, panels):
+                draw_panel(axis, title, keys, smoothed, stages)
+            for axis in axes[len(panels):]:
+                axis.set_visible(False)
+            for axis in axes[max(0, len(panels) - COLUMNS):len(panels)]:
+                axis.set_xlabel("step")
+                axis.xaxis.set_tick_params(labelbottom=True)
+    return figure
 
 
-# ----------------------------------------------------------------------------- axes and ticks
-
-def nice_ticks(lo: float, hi: float, max_ticks: int = 6, expand: bool = True, min_step: float = 0.0):
-    """Ticks on a 1-2-5 step for [lo, hi]; returns (axis_lo, axis_hi, ticks, step).
-
-    With expand=True the axis grows outwards to the nearest ticks. An empty or single-value range
-    is padded so the axis still has height, and at most max_ticks (at least 3) ticks are returned.
-    """
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        lo, hi = 0.0, 1.0
-    lo, hi = min(lo, hi), max(lo, hi)
-    if hi - lo <= 1e-12 * max(1.0, abs(lo), abs(hi)):
-        pad = abs(lo) * 0.1 if lo != 0 else 1.0
-        lo, hi = lo - pad, hi + pad
-    max_ticks = max(3, max_ticks)
-    magnitude = 10.0 ** math.floor(math.log10((hi - lo) / (max_ticks - 1)))
-    for multiple in (1, 2, 5, 10, 20, 50, 100):
-        step = max(multiple * magnitude, min_step)
-        axis_lo = math.floor(lo / step + 1e-9) * step if expand else lo
-        axis_hi = math.ceil(hi / step - 1e-9) * step if expand else hi
-        first, last = math.ceil(axis_lo / step - 1e-9), math.floor(axis_hi / step + 1e-9)
-        if last - first + 1 <= max_ticks:
-            break
-    ticks = [float(f"{k * step:.12g}") for k in range(first, last + 1)]
-    return float(f"{axis_lo:.12g}"), float(f"{axis_hi:.12g}"), ticks, step
+def save(figure, path: str | Path, dpi: int = 100) -> None:
+    """Write a figure as PNG (atomically: a reader never sees half a file) and free it."""
+    path = Path(path)
+    temp = path.with_name(path.name + ".tmp")
+    figure.savefig(temp, dpi=dpi, format="png")
+    plt.close(figure)
+    temp.replace(path)
 
 
-def format_tick(value: float, step: float) -> str:
-    """Compact tick label with just enough digits for the step: 0, 0.25, 1.5k, 3M, 2e-05."""
-    if abs(value) < step * 1e-6:
-        return "0"
-    for divisor, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= divisor:
-            return format_tick(value / divisor, step / divisor) + suffix
-    if abs(value) < 1e-3:
-        return f"{value:.3g}"
-    decimals = next((d for d in range(12) if abs(round(step, d) - step) <= step * 1e-6), 12)
-    text = f"{value:.{decimals}f}"
-    return text.rstrip("0").rstrip(".") if "." in text else text
+def save_curves(path: str | Path, rows: list[dict]) -> bool:
+    """Write curves.png from metrics rows; False (nothing written) when there is nothing to draw."""
+    figure = curves_figure(rows)
+    if figure is None:
+        return False
+    save(figure, path)
+    return True
 
 
-def fitting_ticks(lo: float, hi: float, length_px: int, min_step: float = 0.0):
-    """nice_ticks for a horizontal axis with as many ticks as leave a gap between their labels."""
-    for max_ticks in range(max(3, length_px // 60), 2, -1):
-        axis_lo, axis_hi, ticks, step = nice_ticks(lo, hi, max_ticks, min_step=min_step)
-        widest = max(text_width(format_tick(tick, step)) for tick in ticks)
-        if widest + 16 <= step / (axis_hi - axis_lo) * length_px:
-            break
-    return axis_lo, axis_hi, ticks, step
+def ablation_figure(rows: list[dict], samples: int):
+    """Accuracy (%) per ablation row with its 95% interval; tool-integrated rows blue, plain-CoT rows grey."""
+    names = [row["name"] for row in rows]
+    values = [100 * (row["accuracy"] if row["accuracy"] is not None else math.nan) for row in rows]
+    lows = [max(0.0, value - 100 * row["ci95"][0]) for value, row in zip(values, rows)]
+    highs = [max(0.0, 100 * row["ci95"][1] - value) for value, row in zip(values, rows)]
+    colors = ["C0" if row.get("tools", True) else "0.6" for row in rows]
+    with plt.rc_context(STYLE | {"axes.grid.axis": "y"}):
+        figure, axis = plt.subplots(figsize=(max(7.0, 1.3 * len(rows) + 2), 4.8), layout="constrained")
+        axis.bar(names, values, color=colors, yerr=[lows, highs], capsize=6, ecolor="0.2", width=0.6)
+        for x, (value, high) in enumerate(zip(values, highs)):   # the value above its whisker
+            text = "n/a" if math.isnan(value) else f"{value:.1f}"
+            axis.text(x, (0 if math.isnan(value) else value + high) + 1.5, text, ha="center", va="bottom")
+        axis.set_ylim(0, 100)
+        axis.set_ylabel("accuracy (%)")
+        axis.set_title(f"accuracy per ablation row (Avg@{samples}, 95% interval over problems)")
+        axis.tick_params(axis="x", labelrotation=20)
+        handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in ("C0", "0.6")]
+        axis.legend(handles, ["with the python tool", "plain chain of thought"], loc="upper left")
+    return figure
 
 
-def draw_axes(image, area: PlotArea, xticks, xstep, yticks, ystep) -> None:
-    """Light grid lines, the frame, tick marks and compact tick labels of one plot."""
-    label_height = CAP_HEIGHT * TEXT_SCALE
-    for tick in yticks:
-        row = int(round(float(area.y_px(tick))))
-        draw_line(image, area.left, row, area.right, row, GRID)
-        draw_line(image, area.left - TICK_LENGTH, row, area.left - 1, row, FRAME)
-        draw_text(image, area.left - TICK_LENGTH - 4, row - label_height // 2,
-                  format_tick(tick, ystep), align="right")
-    for tick in xticks:
-        column = int(round(float(area.x_px(tick))))
-        draw_line(image, column, area.top, column, area.bottom, GRID)
-        draw_line(image, column, area.bottom + 1, column, area.bottom + TICK_LENGTH, FRAME)
-        draw_text(image, column, area.bottom + TICK_LENGTH + 4, format_tick(tick, xstep), align="center")
-    for x0, y0, x1, y1 in ((area.left, area.top, area.right, area.top),
-                           (area.left, area.bottom, area.right, area.bottom),
-                           (area.left, area.top, area.left, area.bottom),
-                           (area.right, area.top, area.right, area.bottom)):
-        draw_line(image, x0, y0, x1, y1, FRAME)
+def kind_columns(rows: list[dict]) -> list[tuple[str, bool]]:
+    """(kind, held out?) in first-seen order over every row's benchmarks; held-out benchmarks' kinds last."""
+    seen: dict[str, bool] = {}
+    for row in rows:
+        for bench, summary in row.get("benchmarks", {}).items():
+            for kind in summary.get("kinds", {}):
+                seen.setdefault(kind, bench.endswith("-heldout"))
+    return sorted(seen.items(), key=lambda item: item[1])
 
 
-# ----------------------------------------------------------------------------- line panels
-
-def float_array(values) -> np.ndarray:
-    """A float array of the values, None becoming NaN (a gap)."""
-    return np.array([np.nan if value is None else float(value) for value in values], float)
-
-
-def series_arrays(name: str, xs, ys) -> tuple[np.ndarray, np.ndarray]:
-    """Float arrays of one series; x and y must have the same length."""
-    xs, ys = float_array(xs), float_array(ys)
-    if len(xs) != len(ys):
-        raise ValueError(f"series {name!r} has {len(xs)} x values but {len(ys)} y values")
-    return xs, ys
-
-
-def finite_range(values: np.ndarray) -> tuple[float, float] | None:
-    """(min, max) of the finite values, or None when there are none."""
-    finite = values[np.isfinite(values)]
-    return (float(finite.min()), float(finite.max())) if finite.size else None
-
-
-def legend_item_width(name: str) -> int:
-    """Swatch, gap, name and the space before the next entry, in pixels."""
-    return 22 + 6 + text_width(name) + 18
-
-
-def draw_legend(image, names, colors, center_x: int, top: int, max_width: int) -> int:
-    """Rows of 'swatch name' entries, each row centred on center_x; returns the height used."""
-    rows: list[list[int]] = [[]]
-    for index, name in enumerate(names):
-        used = sum(legend_item_width(names[i]) for i in rows[-1])
-        if rows[-1] and used + legend_item_width(name) > max_width:
-            rows.append([])
-        rows[-1].append(index)
-    row_height = GLYPH_HEIGHT * TEXT_SCALE + 4
-    for row_index, row in enumerate(rows):
-        x = center_x - (sum(legend_item_width(names[i]) for i in row) - 18) // 2
-        middle = top + row_index * row_height + CAP_HEIGHT * TEXT_SCALE // 2
-        for index in row:
-            fill_rect(image, x, middle - 2, x + 21, middle + 1, colors[index])
-            draw_text(image, x + 28, top + row_index * row_height, names[index])
-            x += legend_item_width(names[index])
-    return len(rows) * row_height if names else 0
+def templates_figure(rows: list[dict]):
+    """Heat map: accuracy (%) of each ablation row (y) on each problem kind (x). None when no kinds were recorded."""
+    columns = kind_columns(rows)
+    if not columns or not rows:
+        return None
+    grid = [[math.nan] * len(columns) for _ in rows]
+    for y, row in enumerate(rows):
+        merged = {k: v for summary in row.get("benchmarks", {}).values() for k, v in summary.get("kinds", {}).items()}
+        for x, (kind, _) in enumerate(columns):
+            grid[y][x] = 100 * merged[kind] if kind in merged else math.nan
+    with plt.rc_context(STYLE | {"axes.grid": False}):
+        figure, axis = plt.subplots(figsize=(1.0 * len(columns) + 3.5, 0.6 * len(rows) + 2.2), layout="constrained")
+        image = axis.imshow(grid, cmap="Blues", vmin=0, vmax=100, aspect="auto")
+        for y, line in enumerate(grid):
+            for x, value in enumerate(line):
+                text = "-" if math.isnan(value) else f"{value:.0f}"
+                axis.text(x, y, text, ha="center", va="center", fontsize=10, color="white" if value > 60 else "black")
+        axis.set_xticks(range(len(columns)), [kind for kind, _ in columns], rotation=35, ha="right")
+        axis.set_yticks(range(len(rows)), [row["name"] for row in rows])
+        for label, (_, held_out) in zip(axis.get_xticklabels(), columns):
+            label.set_fontstyle("italic" if held_out else "normal")
+        first_held_out = next((x for x, (_, held_out) in enumerate(columns) if held_out), None)
+        if first_held_out:
+            axis.axvline(first_held_out - 0.5, color="black", linewidth=2)
+        title = "accuracy (%) per problem kind" + (" (italic: held-out templates, never trained on)"
+                                                   if first_held_out is not None else "")
+        axis.set_title(title)
+        figure.colorbar(image, ax=axis, label="accuracy (%)", shrink=0.8)
+    return figure
 
 
-def draw_series(view, area: PlotArea, xs, ys, color) -> None:
-    """Lines through each run of finite points; NaN breaks the line, a lone point gets a dot.
-
-    `view` is the image cut to the plot box, so anything drawn is clipped to it.
-    """
-    finite = np.isfinite(xs) & np.isfinite(ys)
-    px = area.x_px(np.where(finite, xs, area.xlo)) - area.left
-    py = area.y_px(np.where(finite, ys, area.ylo)) - area.top
-    with_markers = finite.sum() <= MARKER_LIMIT
-    for run in np.split(np.arange(len(xs)), np.flatnonzero(~finite)):
-        run = run[finite[run]]
-        if len(run) >= 2:
-            draw_polyline(view, px[run], py[run], color, LINE_WIDTH)
-        if len(run) == 1 or with_markers:
-            for index in run:
-                draw_marker(view, px[index], py[index], color)
+def save_ablation(path: str | Path, rows: list[dict], samples: int) -> None:
+    save(ablation_figure(rows, samples), path)
 
 
-def draw_line_panel(image, panel: Panel, left: int, top: int, width: int, height: int) -> None:
-    """One Panel inside the box (left, top, width, height): title, legend strip, axes, lines."""
-    names = list(panel.series)
-    data = [series_arrays(name, *panel.series[name]) for name in names]
-    colors = [COLOR_CYCLE[index % len(COLOR_CYCLE)] for index in range(len(names))]
-    line_height = GLYPH_HEIGHT * TEXT_SCALE
-    center_x = left + width // 2
-    draw_text(image, center_x, top + PADDING, fit_text(panel.title, width - 2 * PADDING),
-              align="center", bold=True)
-    cursor = top + PADDING + line_height + 6
-    shown = [fit_text(name, width - 2 * PADDING - legend_item_width("")) for name in names]
-    if len(names) >= 2:                                   # a lone series is named by the panel title
-        cursor += draw_legend(image, shown, colors, center_x, cursor, width - 2 * PADDING)
-    plot_top = cursor + CAP_HEIGHT * TEXT_SCALE // 2 + 4  # room for the top y label's upper half
-    xlabel_height = (line_height + 6) * bool(panel.xlabel)
-    plot_bottom = top + height - PADDING - xlabel_height - line_height - TICK_LENGTH - 4
-
-    usable = [np.isfinite(xs) & np.isfinite(ys) for xs, ys in data]    # a point needs both coordinates
-    all_x = np.concatenate([xs[ok] for (xs, _), ok in zip(data, usable)] + [np.zeros(0)])
-    all_y = np.concatenate([ys[ok] for (_, ys), ok in zip(data, usable)] + [np.zeros(0)])
-    has_data = all_x.size > 0
-    ylo, yhi, yticks, ystep = nice_ticks(*(finite_range(all_y) or (0.0, 1.0)), (plot_bottom - plot_top) // 50)
-    tick_label_width = max(text_width(format_tick(tick, ystep)) for tick in yticks)
-    ylabel_width = (line_height + 8) * bool(panel.ylabel)
-    plot_left = left + PADDING + ylabel_width + tick_label_width + TICK_LENGTH + 6
-    plot_right = left + width - PADDING - 16                        # room for half the last x label
-    whole_steps = has_data and bool(np.all(all_x == np.round(all_x)))
-    xlo, xhi, xticks, xstep = fitting_ticks(*(finite_range(all_x) or (0.0, 1.0)), plot_right - plot_left,
-                                            min_step=1.0 if whole_steps else 0.0)
-    area = PlotArea(plot_left, plot_top, plot_right, plot_bottom, xlo, xhi, ylo, yhi)
-    draw_axes(image, area, xticks, xstep, yticks, ystep)
-
-    view = image[area.top:area.bottom + 1, area.left:area.right + 1]
-    for (xs, ys), color in zip(data, colors):
-        draw_series(view, area, xs, ys, color)
-    if not has_data:
-        draw_text(image, (plot_left + plot_right) // 2, (plot_top + plot_bottom - line_height) // 2,
-                  "no data", MUTED, align="center")
-    if panel.xlabel:
-        draw_text(image, (plot_left + plot_right) // 2, plot_bottom + TICK_LENGTH + 4 + line_height + 6,
-                  fit_text(panel.xlabel, plot_right - plot_left), align="center")
-    if panel.ylabel:
-        draw_vertical_text(image, left + PADDING, (plot_top + plot_bottom) // 2,
-                           fit_text(panel.ylabel, plot_bottom - plot_top))
-
-
-def save_line_panels(path, panels: list[Panel], *, title: str = "", columns: int = 3) -> None:
-    """Write a grid of line charts (`columns` per row, left to right) as a PNG at `path`."""
-    panels = list(panels)
-    columns = max(1, min(columns, len(panels) or 1))
-    rows = max(1, math.ceil(len(panels) / columns))
-    title_height = GLYPH_HEIGHT * TITLE_SCALE + 20 if title else 0
-    image = new_canvas(columns * PANEL_WIDTH, title_height + rows * PANEL_HEIGHT)
-    if title:
-        title = fit_text(title, image.shape[1] - 2 * PADDING, TITLE_SCALE)
-        draw_text(image, image.shape[1] // 2, PADDING, title, scale=TITLE_SCALE, align="center")
-    if not panels:
-        draw_text(image, PANEL_WIDTH // 2, title_height + PANEL_HEIGHT // 2, "no panels", MUTED,
-                  align="center")
-    for index, panel in enumerate(panels):
-        row, column = divmod(index, columns)
-        draw_line_panel(image, panel, column * PANEL_WIDTH, title_height + row * PANEL_HEIGHT,
-                        PANEL_WIDTH, PANEL_HEIGHT)
-    write_png(path, image)
-
-
-# ----------------------------------------------------------------------------- bar chart
-
-def save_bar_chart(path, labels: list[str], values: list[float], *, lows: list[float] | None = None,
-                   highs: list[float] | None = None, title: str = "", ylabel: str = "",
-                   ymax: float | None = None, value_format: str = "{:.3g}") -> None:
-    """Write a bar chart as a PNG: one colored bar per label, its value printed above it (`value_format`), and
-    an optional whisker from lows[i] to highs[i] (e.g. a 95% interval). None/NaN values draw no bar."""
-    count = len(labels)
-    heights, low_ends, high_ends = (float_array([None] * count if column is None else column)
-                                    for column in (values, lows, highs))
-    if not len(heights) == len(low_ends) == len(high_ends) == count:
-        raise ValueError("labels, values, lows and highs must all have the same length")
-    line_height = GLYPH_HEIGHT * TEXT_SCALE
-    image = new_canvas(max(600, 150 * count + 160), 440)
-    if title:
-        title = fit_text(title, image.shape[1] - 2 * PADDING)
-        draw_text(image, image.shape[1] // 2, PADDING, title, align="center", bold=True)
-    data_lo, data_hi = finite_range(np.concatenate([heights, low_ends, high_ends])) or (0.0, 0.0)
-    top_value = ymax if ymax is not None else (data_hi * 1.05 if data_hi > 0 else 1.0)
-    plot_top = PADDING + (line_height + 16) * bool(title) + line_height + 8     # room for value labels
-    plot_bottom = image.shape[0] - PADDING - line_height - 12
-    ylo, yhi, yticks, ystep = nice_ticks(min(0.0, data_lo), top_value, (plot_bottom - plot_top) // 50,
-                                         expand=ymax is None)
-    tick_label_width = max(text_width(format_tick(tick, ystep)) for tick in yticks)
-    plot_left = PADDING + (line_height + 8) * bool(ylabel) + tick_label_width + TICK_LENGTH + 6
-    area = PlotArea(plot_left, plot_top, image.shape[1] - PADDING - 10, plot_bottom,
-                    0.0, float(max(count, 1)), ylo, yhi)                   # bar i is centred on x = i + 0.5
-    draw_axes(image, area, [], 1.0, yticks, ystep)
-    if ylabel:
-        ylabel = fit_text(ylabel, plot_bottom - plot_top)
-        draw_vertical_text(image, PADDING, (plot_top + plot_bottom) // 2, ylabel)
-    slot = (area.right - area.left) / max(count, 1)
-    label_scale = TEXT_SCALE if all(text_width(label) <= slot - 8 for label in labels) else 1
-    for index, label in enumerate(labels):
-        center = int(round(float(area.x_px(index + 0.5))))
-        draw_bar(image, area, center, int(slot * 0.3), heights[index], low_ends[index], high_ends[index],
-                 COLOR_CYCLE[index % len(COLOR_CYCLE)], value_format)
-        draw_text(image, center, plot_bottom + 10, fit_text(label, int(slot) - 8, label_scale),
-                  scale=label_scale, align="center")
-    if count == 0:
-        draw_text(image, (area.left + area.right) // 2, (plot_top + plot_bottom) // 2, "no data", MUTED,
-                  align="center")
-    write_png(path, image)
-
-
-def draw_bar(image, area: PlotArea, center: int, half_width: int, value, low, high, color,
-             value_format: str = "{:.3g}") -> None:
-    """One bar from zero to value (clipped to the plot), its whisker, and its value printed above."""
-    view = image[area.top:area.bottom + 1, area.left:area.right + 1]    # drawing here clips to the plot
-    # Rows inside the view, clamped just outside it so a far-off value never costs a long line.
-    rows = np.clip(area.y_px([max(area.ylo, 0.0), value, low, high]) - area.top, -3, view.shape[0] + 2)
-    zero_row, value_row, low_row, high_row = rows.tolist()
-    column = center - area.left
-    if math.isfinite(value):
-        fill_rect(view, column - half_width, zero_row, column + half_width, value_row, color)
-    if math.isfinite(low) and math.isfinite(high):
-        draw_line(view, column, low_row, column, high_row, WHISKER, 2)
-        for row in (low_row, high_row):
-            draw_line(view, column - 8, row, column + 8, row, WHISKER, 2)
-    text_top = float(area.y_px(max(v for v in (value, high, 0.0) if math.isfinite(v))))
-    text = value_format.format(value) if math.isfinite(value) else "n/a"
-    draw_text(image, center, max(text_top, area.top) - 8 - CAP_HEIGHT * TEXT_SCALE, text, align="center")
+def save_templates(path: str | Path, rows: list[dict]) -> bool:
+    """Write templates.png; False (nothing written) when the rows carry no per-kind accuracy."""
+    figure = templates_figure(rows)
+    if figure is None:
+        return False
+    save(figure, path)
+    return True

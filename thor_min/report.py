@@ -1,6 +1,7 @@
-"""The run report: `report.md` (the ablation table and a plain reading of it) and `ablation.png`.
+"""The run report: `report.md` (the ablation table and a plain reading of it), `ablation.png`, `templates.png`.
 
-Written from `summary.json` alone, so it can be regenerated without re-running anything. The reading
+Written from `summary.json` alone, so it can be regenerated without re-running anything:
+`python -m thor_min.report OUT` rewrites the three files of the run in OUT. The reading
 checks THOR's claims one by one against the measured rows and says plainly when an effect does not show:
 tools vs the base's plain CoT, RL vs cold start, step-level RL on the cell pass rate, self-correction on
 accuracy and pass rate, and (with --ablation) SFT on plain-CoT references and RL without tools. "Clearly" means the 95% intervals do not
@@ -8,9 +9,11 @@ overlap; otherwise a difference is reported as within noise.
 Limits: intervals are over problems (Avg@k per problem), not over training seeds.
 """
 
+import argparse
+import json
 from pathlib import Path
 
-from thor_min.plot import save_bar_chart
+from thor_min.plot import save_ablation, save_templates
 
 CLAIM_ORDER = ("base-cot", "cold-start", "traj-rl", "step-rl", "self-correct", "cot-sft", "cot-rl")
 ROW_TITLES = {
@@ -100,19 +103,38 @@ def reading(rows_list: list[dict]) -> str:
 
 
 def write_report(out_dir: str | Path, summary: dict) -> None:
-    """report.md and ablation.png in `out_dir` from a summary dict (see pipeline.stage_eval)."""
+    """report.md, ablation.png and templates.png in `out_dir` from a summary dict (see pipeline.stage_eval)."""
     out_dir = Path(out_dir)
     rows = sorted(summary["rows"], key=lambda r: CLAIM_ORDER.index(r["name"]) if r["name"] in CLAIM_ORDER else 99)
     minutes = summary["seconds"] / 60
+    save_ablation(out_dir / "ablation.png", rows, summary["samples"])
+    has_templates = save_templates(out_dir / "templates.png", rows)
     text = [f"# thor-min run: {summary['model']}", "",
             f"Whole run: {minutes:.1f} minutes on {summary['cores']} CPU cores (stage times in summary.json). "
             f"Accuracy is Avg@{summary['samples']} at temperature {summary['temperature']} with a 95% interval over "
             "problems; cell rates count executed cells of the final trajectories; tokens include self-correction "
-            "retries.", "", table(rows, summary["samples"]), "", "## Reading", "", reading(rows), "",
-            "Curves: `curves.png` (from `metrics.jsonl`); per-sample outputs: `eval/*.jsonl`; "
-            "TIRGen filter counts: `tirgen_stats.json`.", ""]
+            "retries.", "", table(rows, summary["samples"]), "", "![accuracy per ablation row](ablation.png)", "",
+            "## Reading", "", reading(rows), ""]
+    if has_templates:
+        text += ["## Accuracy per problem template", "", "Which kinds of problems each row solves (tiny world: "
+                 "one column per template, held-out templates in italics; real benchmarks: one column each).", "",
+                 "![accuracy per template](templates.png)", ""]
+    text += ["Curves: `curves.png` (from `metrics.jsonl`); per-sample outputs: `eval/*.jsonl`; "
+             "TIRGen filter counts: `tirgen_stats.json`.", ""]
     (out_dir / "report.md").write_text("\n".join(text))
-    save_bar_chart(out_dir / "ablation.png", [r["name"] for r in rows], [100 * r["accuracy"] for r in rows],
-                   lows=[100 * r["ci95"][0] for r in rows], highs=[100 * r["ci95"][1] for r in rows],
-                   title=f"accuracy per ablation row (Avg@{summary['samples']}, 95% interval)",
-                   ylabel="accuracy %", ymax=100.0, value_format="{:.1f}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Rewrite report.md, ablation.png and templates.png of a run "
+                                     "from its summary.json.")
+    parser.add_argument("out", type=Path, help="the run directory (train.py --out)")
+    out = parser.parse_args(argv).out
+    if not (out / "summary.json").is_file():
+        raise SystemExit(f"error: no {out / 'summary.json'}: run the eval stage first (python train.py --stage eval)")
+    write_report(out, json.loads((out / "summary.json").read_text()))
+    print(f"wrote {out / 'report.md'}, {out / 'ablation.png'} and (if the rows carry per-kind accuracy) "
+          f"{out / 'templates.png'}")
+
+
+if __name__ == "__main__":
+    main()

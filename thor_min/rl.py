@@ -295,12 +295,11 @@ def rl_step(model, engine, optimizer, stream: ProblemStream, prompt_ids, config:
 
 
 def rollout_metrics(groups: Groups, step_rewards: list[float]) -> dict:
-    """Reward, accuracy and tool-use rates over every sampled trajectory of the step."""
+    """Reward (= accuracy: 1 for a correct answer, else 0) and tool-use rates over every sampled trajectory."""
     rollouts = groups.sampled
     executed = [c for r in rollouts for c in r.executed_cells]
     return {
         "reward": sum(groups.rewards) / max(len(groups.rewards), 1),
-        "accuracy": sum(groups.rewards) / max(len(groups.rewards), 1),
         "cell_call_rate": sum(bool(r.executed_cells) for r in rollouts) / max(len(rollouts), 1),
         "cell_pass_rate": sum(c.passed for c in executed) / max(len(executed), 1),
         "step_pass_rate": sum(step_rewards) / len(step_rewards) if step_rewards else float("nan"),

@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-from thor_min.data import Problem
+from thor_min.problem import Problem
 
 TEST_BUCKETS = 10          # 1 in TEST_BUCKETS question hashes belongs to the test split
 DEFAULT_SEED = 1234
