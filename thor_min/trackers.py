@@ -10,7 +10,8 @@ step as its global step, and W&B and Trackio (which want one rising step per run
 metric, which W&B is told to use as that stage's x-axis. Each tracker is an optional extra of the package;
 `check_report_to` runs at start-up and fails in one line naming the extra to install, before any work.
 Limits: the run's settings are sent as the tracker's config; W&B and Trackio read their usual environment
-variables (`WANDB_MODE=offline`, `WANDB_PROJECT`, `TRACKIO_DIR`, ...); nothing is logged but scalars.
+variables (`WANDB_MODE=offline`, `WANDB_ENTITY`, `TRACKIO_DIR`, ...); the project is always `thor-min`;
+nothing is logged but scalars.
 """
 
 import importlib.util
