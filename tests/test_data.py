@@ -1,12 +1,10 @@
 """Problem loaders: bundled benchmarks, local JSONL, hf: datasets, the tiny world, clear errors."""
 
 import json
-import sys
-import types
 
 import pytest
 
-import thor_min
+from thor_min import tasks
 from thor_min.data import DataError, Problem, load_problems
 
 BENCHMARK_SIZES = {"math500": 500, "aime24": 30, "amc23": 40, "minerva": 272, "olympiadbench": 675, "gsm8k": 1319}
@@ -116,18 +114,7 @@ def test_bad_hf_spec_is_a_clear_error():
         load_problems("hf:no-owner")
 
 
-def test_tiny_without_tasks_module_is_a_clear_error(monkeypatch):
-    monkeypatch.delattr(thor_min, "tasks", raising=False)
-    monkeypatch.setitem(sys.modules, "thor_min.tasks", None)  # makes the import fail
-    with pytest.raises(DataError, match="thor_min.tasks"):
-        load_problems("tiny")
-
-
 @pytest.mark.parametrize("name, function", [("tiny", "test_split"), ("tiny-heldout", "heldout_split")])
-def test_tiny_calls_into_the_tasks_module(monkeypatch, name, function):
-    fake = types.ModuleType("thor_min.tasks")
-    problems = [Problem(id=f"tiny-{i}", question=f"{i}+1?", answer=str(i + 1), kind="add") for i in range(5)]
-    setattr(fake, function, lambda: problems)
-    monkeypatch.setattr(thor_min, "tasks", fake, raising=False)
-    monkeypatch.setitem(sys.modules, "thor_min.tasks", fake)
-    assert load_problems(name, limit=2) == problems[:2], f"{name} must return tasks.{function}() (limited)"
+def test_tiny_sources_are_the_tiny_world_splits(name, function):
+    expected = getattr(tasks, function)()[:2]
+    assert load_problems(name, limit=2) == expected, f"{name} must return tasks.{function}() (limited)"
