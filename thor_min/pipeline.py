@@ -10,7 +10,7 @@ directory and writes its own, so any stage can be (re)run alone with `--stage`:
     OUT/rl-traj/    trajectory-level RL only (ablation)                         [RL]
     OUT/rl/         full hierarchical RL (trajectory + step level)              [RL]
     OUT/rl-cot/     plain chain-of-thought RL from the base, no tools (--ablation)
-    OUT/metrics.jsonl, curves.png, report.md, summary.json, ablation.png, eval/  [eval]
+    OUT/metrics.jsonl, curves.png (all stages); report.md, summary.json, ablation.png, templates.png, eval/  [eval]
 
 A finished stage leaves its model directory (written last); with `--resume` finished stages are skipped and
 an interrupted one continues from its checkpoint under OUT/checkpoints/. Limits: stages run one after the
@@ -357,7 +357,7 @@ def mean_bound(sets: dict, index: int) -> float:
 
 
 def stage_eval(run: Run) -> dict:
-    """Evaluate every ablation row that has a model; write eval/*.jsonl, summary.json, report.md, ablation.png."""
+    """Evaluate every ablation row that has a model; write eval/*.jsonl, summary.json, report.md and its charts."""
     from thor_min.report import write_report
 
     preset, started = run.preset, time.time()
