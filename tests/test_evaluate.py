@@ -90,10 +90,13 @@ def engine_parts():
 
 def test_evaluate_end_to_end_with_tools(engine_parts):
     model, tokenizer = engine_parts
-    problems = [Problem(id=f"t-{k}", question=k, answer=GOLDS[k]) for k in ANSWERS]
+    kinds = {"A": "odd", "B": "even", "C": "odd"}
+    problems = [Problem(id=f"t-{k}", question=k, answer=GOLDS[k], kind=kinds[k]) for k in ANSWERS]
     with Sandbox(workers=2, timeout=10.0, preload=()) as sandbox:
         config = EvalConfig(samples=2, temperature=0.0, max_new_tokens=80, max_tool_calls=2, batch_size=4)
         records, summary = evaluate(RolloutEngine(model, tokenizer, sandbox), problems, "tiny", config)
+    assert [r.kind for r in records[::2]] == ["odd", "even", "odd"], "each record names its problem's kind"
+    assert summary["kinds"] == {"odd": 1.0, "even": 0.0}, f"accuracy per kind: {summary['kinds']}"
     assert [r.id for r in records] == ["t-A", "t-A", "t-B", "t-B", "t-C", "t-C"], "k samples per problem, in order"
     assert [r.correct for r in records] == [True, True, False, False, True, True]
     assert records[0].completion == ANSWERS["A"] and records[0].answer == "5" and records[0].gold == "5"
