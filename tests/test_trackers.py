@@ -17,6 +17,7 @@ from thor_min.metrics import MetricsLog
 from thor_min.trackers import TrackerError, check_report_to, open_trackers
 
 NEVER = 1e12   # plot_every_s that keeps MetricsLog from drawing curves.png
+REPO = Path(__file__).resolve().parent.parent
 
 
 def log_two_stages(out: Path, names: list[str]) -> MetricsLog:
@@ -49,7 +50,8 @@ def test_a_missing_package_names_its_extra(monkeypatch):
 
 
 def test_train_py_refuses_a_missing_tracker_before_any_work(tmp_path, capsys, monkeypatch):
-    import train
+    monkeypatch.syspath_prepend(str(REPO))
+    import train   # the top-level script
 
     monkeypatch.setattr(trackers.importlib.util, "find_spec", lambda name: None)
     assert train.main(["--report-to", "trackio", "--out", str(tmp_path / "run")]) == 2, "expected exit status 2"
@@ -125,9 +127,8 @@ print(json.dumps(SQLiteStorage.get_logs("thor-min", "test-run")))
 @pytest.mark.slow
 def test_trackio_run_holds_the_logged_values(tmp_path):
     pytest.importorskip("trackio", reason='needs the trackio extra: pip install -e ".[trackio]"')
-    root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "TRACKIO_DIR": str(tmp_path / "trackio")}   # read when trackio is imported: a fresh process
-    result = subprocess.run([sys.executable, "-c", TRACKIO_SCRIPT, str(tmp_path / "run"), str(root)], env=env,
+    result = subprocess.run([sys.executable, "-c", TRACKIO_SCRIPT, str(tmp_path / "run"), str(REPO)], env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     logs = json.loads(result.stdout.strip().splitlines()[-1])
