@@ -37,11 +37,14 @@ PANELS = {
                     ("learning rate", ("lr",), False), ("tokens / s", ("tokens_per_s",), False)],
     "cold-start SFT": [("loss", ("loss", "eval_loss"), True), ("gradient norm", ("grad_norm",), True),
                        ("learning rate", ("lr",), False), ("tokens / s", ("tokens_per_s",), False)],
-    "RL": [("reward (sampled trajectories)", ("reward",), True), ("greedy accuracy (held out)", ("eval_accuracy",), False),
-           ("cell call rate", ("cell_call_rate",), True), ("cell pass rate", ("cell_pass_rate", "step_pass_rate"), True),
+    "RL": [("reward (sampled trajectories)", ("reward",), True),
+           ("greedy accuracy (held out)", ("eval_accuracy",), False),
+           ("cell call rate", ("cell_call_rate",), True),
+           ("cell pass rate", ("cell_pass_rate", "step_pass_rate"), True),
            ("response tokens", ("response_tokens",), True), ("entropy", ("entropy",), True),
            ("approx. KL to the rollout policy", ("approx_kl_old",), True),
-           ("clipped tokens", ("clip_frac_high", "clip_frac_low"), True), ("tokens / s (rollout)", ("tokens_per_s",), True)],
+           ("clipped tokens", ("clip_frac_high", "clip_frac_low"), True),
+           ("tokens / s (rollout)", ("tokens_per_s",), True)],
 }
 LINE_STYLES = ("-", "--", ":", "-.")
 
