@@ -149,22 +149,24 @@ def curves_figure(rows: list[dict]):
     return figure
 
 
-def save(figure, path: str | Path, dpi: int = 100) -> None:
-    """Write a figure as PNG (atomically: a reader never sees half a file) and free it."""
+def save(figure, path: str | Path, dpi: int = 100) -> bool:
+    """Write a figure as PNG (atomically: a reader never sees half a file) and free it; None writes nothing.
+
+    Returns whether a file was written.
+    """
+    if figure is None:
+        return False
     path = Path(path)
     temp = path.with_name(path.name + ".tmp")
     figure.savefig(temp, dpi=dpi, format="png")
     plt.close(figure)
     temp.replace(path)
+    return True
 
 
 def save_curves(path: str | Path, rows: list[dict]) -> bool:
     """Write curves.png from metrics rows; False (nothing written) when there is nothing to draw."""
-    figure = curves_figure(rows)
-    if figure is None:
-        return False
-    save(figure, path)
-    return True
+    return save(curves_figure(rows), path)
 
 
 def ablation_figure(rows: list[dict], samples: int):
@@ -236,8 +238,4 @@ def save_ablation(path: str | Path, rows: list[dict], samples: int) -> None:
 
 def save_templates(path: str | Path, rows: list[dict]) -> bool:
     """Write templates.png; False (nothing written) when the rows carry no per-kind accuracy."""
-    figure = templates_figure(rows)
-    if figure is None:
-        return False
-    save(figure, path)
-    return True
+    return save(templates_figure(rows), path)
