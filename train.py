@@ -42,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="recompute activations in backward (default: the preset's)")
     memory.add_argument("--micro-batch-tokens", type=int, help="tokens per forward/backward pass")
     memory.add_argument("--rollout-batch", type=int, help="sampled rows per forward in rollouts (KV cache size)")
+    memory.add_argument("--threads", dest="cpu_threads", type=int,
+                        help="torch threads on a CPU, 0 = one per core (default: the preset's; tiny: 1)")
     memory.add_argument("--max-new-tokens", type=int, help="response length in RL and evaluation (KV cache size)")
     run.add_argument("--checkpoint-every", type=int, help="optimiser steps between checkpoints")
     pretrain = parser.add_argument_group("pretraining (tiny world)")
@@ -86,7 +88,7 @@ def build_run(args):
                       eval_problems=args.eval_problems, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                       load_in_4bit=args.load_in_4bit, gradient_checkpointing=args.gradient_checkpointing,
                       micro_batch_tokens=args.micro_batch_tokens, rollout_batch=args.rollout_batch,
-                      rl_max_new_tokens=args.max_new_tokens, eval_max_new_tokens=args.max_new_tokens, critic=args.critic,
+                      cpu_threads=args.cpu_threads, rl_max_new_tokens=args.max_new_tokens, eval_max_new_tokens=args.max_new_tokens, critic=args.critic,
                       checkpoint_every=args.checkpoint_every, pretrain_steps=args.pretrain_steps,
                       pretrain_max_steps=args.pretrain_max_steps,
                       tirgen_problems=args.tirgen_problems, tirgen_attempts=args.tirgen_attempts,

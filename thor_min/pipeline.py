@@ -398,6 +398,8 @@ def stage_eval(run: Run) -> dict:
 
 def run_stages(run: Run, stage: str) -> None:
     """Run one stage or, for "all", every stage in order."""
+    if run.preset.cpu_threads > 0:
+        torch.set_num_threads(run.preset.cpu_threads)       # CPU only; a GPU run does not use these threads
     order = {"pretrain": stage_pretrain, "tirgen": stage_tirgen, "sft": stage_sft, "rl": stage_rl, "eval": stage_eval}
     for name in (STAGES if stage == "all" else (stage,)):
         order[name](run)
