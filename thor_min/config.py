@@ -71,7 +71,8 @@ class Preset:
     rollout_batch: int = 256
     cell_timeout: float = 10.0
     sandbox_workers: int = 8
-    cpu_threads: int = 0              # torch threads when running on a CPU (0 = torch's default, one per core)
+    cpu_threads: int = 0              # torch threads on a CPU in TIRGen, RL and eval (0 = one per core); pretrain
+                                      # and SFT always use every core
 
 
 PRESETS: dict[str, Preset] = {
@@ -83,8 +84,10 @@ PRESETS: dict[str, Preset] = {
     #   paper's "library call or control flow" rule would drop, taking products and sums out of the data;
     # - SFT uses lr 1e-3 and 40 epochs because the data is a few hundred samples for a 1 M-parameter model;
     # - RL: G = 8 x 8 prompts, lr 1e-4, L_suf 8 tokens (responses are ~50 tokens), 100 steps per variant;
-    # - one torch thread: the matmuls of a 1 M-parameter model are too small to split, and a second thread that
-    #   spins while the sandbox (or anything else) holds the other core made every stage 1.5-4x slower (measured).
+    # - one torch thread in the sampling stages (TIRGen, RL, eval): a 64-row decode step of a 1 M-parameter model
+    #   is too small to split, and the other core runs the sandbox and the grader; train.py also makes idle
+    #   OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE): spinning threads made every stage 1.5-4x slower on a
+    #   loaded 2-core machine (measured).
     "tiny": Preset(
         model="tiny", template="tiny", train_data="tiny", benchmarks=("tiny", "tiny-heldout"), critic="rule",
         pretrain_steps=1500, pretrain_max_steps=3000, pretrain_lr=2e-3, pretrain_batch=8, pretrain_block_tokens=256,
