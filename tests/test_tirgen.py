@@ -515,3 +515,12 @@ def test_llm_critic_returns_text_when_the_critic_finishes(tokenizer, sandbox):
     model.lm_head = head
     rewritten = LLMCritic(RolloutEngine(model, tokenizer, sandbox), max_new_tokens=8).rewrite(["12 * 5 = 60.\n\n"])
     assert rewritten == ["\n\n"], f"an empty clean rewrite keeps the chunk's delimiter: {rewritten!r}"
+
+
+def test_the_code_filter_defaults_to_the_released_code_rule():
+    from thor_min.config import preset_for
+
+    defaults = {"TIRGenConfig": TIRGenConfig().code_filter, "qwen-1.5b preset": preset_for("qwen-1.5b").tirgen_code_filter,
+                "qwen3-8b preset": preset_for("qwen3-8b").tirgen_code_filter}
+    assert set(defaults.values()) == {"lines"}, \
+        f"THOR.md: where paper and code differ the code's rule (> 5 lines) is the default, got {defaults}"
