@@ -44,6 +44,12 @@ def tokenizer(request):
 
 
 @pytest.fixture(scope="module")
+def tiny_tokenizer():
+    """Tokenizer-independent exactness checks run once, with the tiny tokenizer."""
+    return tokenizer_named("tiny")
+
+
+@pytest.fixture(scope="module")
 def tool_model(tokenizer):
     """A 2-layer model that reproduces ANSWERS (it writes the cells of A, B, C and answers D without code)."""
     config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -114,11 +120,11 @@ def random_model(kind, tokenizer):
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
-def test_greedy_matches_model_generate_with_groups_and_early_finishers(kind, tokenizer, monkeypatch):
-    model = random_model(kind, tokenizer)
+def test_greedy_matches_model_generate_with_groups_and_early_finishers(kind, tiny_tokenizer, monkeypatch):
+    model = random_model(kind, tiny_tokenizer)
     texts = ["Question: 1+1", "Q", "Question: what is 7 times 8 plus 3, then squared?", "abc def"]
-    requests = [RolloutRequest(tokenizer.encode(t), samples=3) for t in texts]           # 12 rows
-    probe = RolloutEngine(model, tokenizer).generate(requests[:4], SamplingConfig(ignore_eos=True, max_tool_calls=0,
+    requests = [RolloutRequest(tiny_tokenizer.encode(t), samples=3) for t in texts]           # 12 rows
+    probe = RolloutEngine(model, tiny_tokenizer).generate(requests[:4], SamplingConfig(ignore_eos=True, max_tool_calls=0,
                                                                                    **GREEDY))
     # make a token of each prompt's greedy text an EOS, so the groups finish at different steps
     stop_ids = [probe[3 * i].completion_ids[step] for i, step in enumerate((3, 9, 15, 30))]
@@ -127,13 +133,13 @@ def test_greedy_matches_model_generate_with_groups_and_early_finishers(kind, tok
     original_select = RolloutCache.select_rows
     monkeypatch.setattr(RolloutCache, "select_rows",
                         lambda self, rows: (compactions.append(len(rows)), original_select(self, rows))[1])
-    rollouts = RolloutEngine(model, tokenizer).generate(requests, SamplingConfig(max_tool_calls=0, **GREEDY))
+    rollouts = RolloutEngine(model, tiny_tokenizer).generate(requests, SamplingConfig(max_tool_calls=0, **GREEDY))
     assert compactions, "finished rows were never dropped: the compaction path did not run"
     assert len({len(r.completion_ids) for r in rollouts}) > 2, "rows must finish at different steps"
     for index, text in enumerate(texts):
-        prompt = torch.tensor([tokenizer.encode(text)])
+        prompt = torch.tensor([tiny_tokenizer.encode(text)])
         expected = model.generate(prompt, do_sample=False, max_new_tokens=GREEDY["max_new_tokens"],
-                                  pad_token_id=tokenizer.pad_token_id)[0, prompt.shape[1]:].tolist()
+                                  pad_token_id=tiny_tokenizer.pad_token_id)[0, prompt.shape[1]:].tolist()
         for rollout in rollouts[3 * index:3 * index + 3]:
             got = rollout.completion_ids
             assert got == expected[:len(got)], f"prompt {index} sample {rollout.sample}: differs from generate()"
@@ -426,3 +432,29 @@ def test_rollback_resumes_decoding_before_held_back_bytes():
     assert rollout_module._decoded_prefix([3, 5, 8], floor=0) == 3
     assert rollout_module._decoded_prefix([0, 0], floor=0) == 0
     assert rollout_module._decoded_prefix([4, 9, 9, 9], floor=3) == 3, "never before the last observation"
+
+
+# ----------------------------------------------------------------------------------------------
+# RL sample building on the engine's own rollouts (every tokenizer's fence and observation splits)
+
+
+def test_rl_samples_from_engine_rollouts_train_on_model_text_only(tool_model, tokenizer):
+    from thor_min.rl import build_samples, step_prefix
+
+    engine = RolloutEngine(tool_model, tokenizer, ScriptedSandbox(fail=(1,)))     # C's second cell fails
+    made, = engine.generate(requests_for(tokenizer, ["C"]), SamplingConfig(**GREEDY))
+    first, failed = made.cells
+    assert first.passed and not failed.passed, "the scripted sandbox fails C's second cell"
+    other, = RolloutEngine(tool_model, tokenizer, ScriptedSandbox()).generate(requests_for(tokenizer, ["C"]),
+                                                                              SamplingConfig(**GREEDY))
+    sample = build_samples([([made, other], [0.0, 1.0])], [])[0]
+    n_prompt = len(made.prompt_ids)
+    trained = {i - n_prompt for i, m in enumerate(sample.target_mask) if m}
+    observation = set(range(first.close_token, first.output_end)) | set(range(failed.close_token, failed.output_end))
+    assert trained and not trained & observation, "a trajectory sample must never train on an output block"
+    prefix = step_prefix(made, suffix_tokens=3)
+    cut = len(prefix) - n_prompt
+    assert first.output_end <= cut <= failed.fence_token, \
+        f"the step prefix ({cut} tokens) must end after the first output block and before the failed fence"
+    assert not tokenizer.decode(prefix[n_prompt + first.output_end:]).count("```"), \
+        "the kept reasoning after the last output block holds no fence piece"
