@@ -244,12 +244,13 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     check_args(parser, args)
     from thor_min.data import DataError
+    from thor_min.grader import GraderError
     from thor_min.models import ModelLoadError
     from thor_min.sandbox import SandboxError
 
     try:
         return run(args)
-    except (DataError, ModelLoadError, SandboxError) as error:
+    except (DataError, GraderError, ModelLoadError, SandboxError) as error:
         print(f"generate.py: error: {error}", file=sys.stderr)
         return 2
 

@@ -63,7 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     tirgen.add_argument("--tirgen-problems", type=int, help="problems to generate data for")
     tirgen.add_argument("--tirgen-attempts", type=int, help="actor-critic attempts per problem")
     tirgen.add_argument("--code-filter", dest="tirgen_code_filter", choices=("library", "lines", "none"),
-                        help="code-quality rule: library call / control flow (paper), > 5 lines (code), none")
+                        help="code-quality rule: > 5 lines for most cells (code, the Qwen default), library call / "
+                             "control flow (paper), none (tiny)")
     sft = parser.add_argument_group("cold-start SFT")
     sft.add_argument("--sft-lr", type=float)
     sft.add_argument("--sft-epochs", type=float)
@@ -137,6 +138,7 @@ def main(argv=None) -> int:
     import torch
 
     from thor_min.data import DataError
+    from thor_min.grader import GraderError
     from thor_min.models import ModelLoadError, silence_library_logs
     from thor_min.pipeline import run_stages
 
@@ -145,7 +147,7 @@ def main(argv=None) -> int:
     try:
         run = build_run(args)
         run_stages(run, args.stage)
-    except (ModelLoadError, DataError, ValueError) as error:
+    except (ModelLoadError, DataError, GraderError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except torch.OutOfMemoryError:

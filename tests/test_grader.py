@@ -115,8 +115,14 @@ def test_extract_boxed_without_braces_and_fbox():
         "`\\boxed 5` and `\\fbox{}` are boxes too"
 
 
-def test_extract_boxed_skips_an_unclosed_last_box():
-    assert extract_boxed("\\boxed{3} then \\boxed{4") == "3", "a truncated box is not an answer"
+def test_extract_boxed_of_an_unclosed_last_box_is_none():
+    assert extract_boxed("\\boxed{5} then \\boxed{6") is None, \
+        "a response cut off inside its last box has no answer; the earlier box is stale"
+
+
+def test_a_truncated_final_box_is_graded_wrong_even_if_an_earlier_box_is_right(shared_grader):
+    assert not shared_grader.grade("first \\boxed{5}, finally \\boxed{6", "5"), \
+        "a stale earlier box must not pass the grader (or RL's keep-filter)"
 
 
 def test_extract_boxed_returns_none_without_box():
@@ -207,3 +213,57 @@ def test_close_stops_the_worker():
     pid = instance.worker_pid
     instance.close()
     assert pid is not None and instance.worker_pid is None, "close() must stop the running worker"
+
+
+def _worker_that_cannot_start(monkeypatch, failures: list):
+    """Make every math-verify worker start fail, as a missing or broken math-verify install would."""
+    def failing_worker(*args, **kwargs):
+        failures.append(1)
+        raise RuntimeError("the math-verify grader worker did not start")
+    monkeypatch.setattr(grader, "Worker", failing_worker)
+
+
+def test_a_worker_that_cannot_start_stops_grading_with_a_clear_error(monkeypatch):
+    failures = []
+    _worker_that_cannot_start(monkeypatch, failures)
+    instance = Grader(timeout=5, start_attempts=3)
+    with pytest.raises(grader.GraderError, match="failed to start 3 times"):
+        instance.grade("\\boxed{\\frac{1}{2}}", "\\sqrt{1/4}")   # only math-verify can decide this pair
+    assert len(failures) == 3, f"a failed start must be retried before giving up, tried {len(failures)} times"
+    assert instance.use_math_verify, "a failed start must never switch math-verify off silently"
+
+
+def test_a_worker_start_that_fails_once_is_retried(monkeypatch):
+    real_worker, calls = grader.Worker, []
+
+    def flaky_worker(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("the math-verify grader worker did not start")
+        return real_worker(*args, **kwargs)
+    monkeypatch.setattr(grader, "Worker", flaky_worker)
+    with Grader(timeout=10, start_attempts=3) as instance:
+        assert instance.grade("\\boxed{\\frac{1}{2}}", "\\sqrt{1/4}"), "the retried worker must grade the pair"
+    assert len(calls) == 2, f"one failure then one good start expected, saw {len(calls)} starts"
+
+
+def test_train_py_reports_a_grader_that_cannot_start_in_one_line():
+    code = textwrap.dedent("""
+        import sys
+        from thor_min import grader
+        def fail(*a, **k): raise RuntimeError("the math-verify grader worker did not start")
+        grader.Worker = fail
+        import train
+        import thor_min.pipeline as pipeline
+        def stage(name):
+            grader.Grader(start_attempts=2).grade("\\\\boxed{x^2}", "x*x")
+        pipeline.run_stages = lambda run, name: stage(name)
+        sys.exit(train.main(["--out", sys.argv[1], "--stage", "eval"]))
+    """)
+    import tempfile
+    with tempfile.TemporaryDirectory(dir=os.getcwd()) as out:
+        result = subprocess.run([sys.executable, "-c", code, os.path.join(out, "run")], capture_output=True,
+                                text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(lines) == 1 and "failed to start 2 times" in lines[0], \
+        f"expected exit 2 and one 'error:' line, got {result.returncode}: {result.stderr[-500:]}"

@@ -354,3 +354,24 @@ def test_merge_lora_refuses_4bit_base(bnb_ok, checkpoint_dir):
     lora.apply_lora(model, rank=4, alpha=8)
     with pytest.raises(NotImplementedError, match="export_merged"):
         lora.merge_lora(model)
+
+
+def test_rl_starts_from_the_cold_start_policy_on_the_4bit_path(bnb_ok, checkpoint_dir, tmp_path):
+    """SFT ends on NF4 base + adapter; RL must start from that policy, not from a re-quantised merge."""
+    from thor_min.config import override, preset_for
+    from thor_min.pipeline import Run, load_policy, save_policy
+
+    preset = override(preset_for("tiny"), load_in_4bit=True, lora_rank=4, lora_alpha=8.0)
+    run = Run(preset=preset, out=tmp_path / "run", device="cpu")
+    cold_start, tokenizer = load_policy(run, str(checkpoint_dir), trainable=True)
+    base_logits = cold_start.train()(input_ids()).logits.detach()   # train mode: bnb's exact dequantising path
+    randomise_adapters(cold_start, std=0.02)   # an SFT-sized delta, far below the NF4 level spacing
+    expected = cold_start(input_ids()).logits.detach()
+    save_policy(run, cold_start, tokenizer, "sft")
+    rl_start, _ = load_policy(run, str(run.model_dir("sft")), trainable=True)
+    got = rl_start.train()(input_ids()).logits.detach()
+    sft_effect = (expected - base_logits).abs().max().item()
+    error = (got - expected).abs().max().item()
+    assert sft_effect > 1e-3, f"the test's adapter must change the policy (changed it by {sft_effect})"
+    assert error <= 1e-3 * sft_effect, \
+        f"RL's initial policy differs from the cold start by {error} (the SFT update moved logits by {sft_effect})"

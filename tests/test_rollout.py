@@ -15,8 +15,8 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
+from conftest import fit_texts_exact, tokenizer_named, TOKENIZERS
 from thor_min import rollout as rollout_module
-from thor_min.bench.rollout import fit_texts
 from thor_min.kvcache import RolloutCache
 from thor_min.rollout import RolloutEngine, RolloutRequest, SamplingConfig, sample_tokens
 from thor_min.sandbox import ExecResult, Sandbox
@@ -37,6 +37,16 @@ def prompt_text(name: str) -> str:
     return f"Question: {name}\nAnswer:\n"
 
 
+@pytest.fixture(scope="module", params=TOKENIZERS)
+def tokenizer(request):
+    """Every test here runs with the tiny, the Qwen2.5 (pad == eos) and the Qwen3 tokenizer."""
+    return tokenizer_named(request.param)
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer():
+    """Tokenizer-independent exactness checks run once, with the tiny tokenizer."""
+    return tokenizer_named("tiny")
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +58,7 @@ def tool_model(tokenizer):
                          tie_word_embeddings=True, attn_implementation="sdpa")
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config)
-    loss = fit_texts(model, tokenizer, [prompt_text(k) + v for k, v in ANSWERS.items()], steps=300, lr=1e-2)
+    loss = fit_texts_exact(model, tokenizer, [prompt_text(k) + v for k, v in ANSWERS.items()], steps=300, lr=1e-2)
     assert loss < 0.1, f"the tool model did not learn its answers (loss {loss:.3f})"
     return model
 
@@ -110,11 +120,11 @@ def random_model(kind, tokenizer):
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
-def test_greedy_matches_model_generate_with_groups_and_early_finishers(kind, tokenizer, monkeypatch):
-    model = random_model(kind, tokenizer)
+def test_greedy_matches_model_generate_with_groups_and_early_finishers(kind, tiny_tokenizer, monkeypatch):
+    model = random_model(kind, tiny_tokenizer)
     texts = ["Question: 1+1", "Q", "Question: what is 7 times 8 plus 3, then squared?", "abc def"]
-    requests = [RolloutRequest(tokenizer.encode(t), samples=3) for t in texts]           # 12 rows
-    probe = RolloutEngine(model, tokenizer).generate(requests[:4], SamplingConfig(ignore_eos=True, max_tool_calls=0,
+    requests = [RolloutRequest(tiny_tokenizer.encode(t), samples=3) for t in texts]           # 12 rows
+    probe = RolloutEngine(model, tiny_tokenizer).generate(requests[:4], SamplingConfig(ignore_eos=True, max_tool_calls=0,
                                                                                    **GREEDY))
     # make a token of each prompt's greedy text an EOS, so the groups finish at different steps
     stop_ids = [probe[3 * i].completion_ids[step] for i, step in enumerate((3, 9, 15, 30))]
@@ -123,13 +133,13 @@ def test_greedy_matches_model_generate_with_groups_and_early_finishers(kind, tok
     original_select = RolloutCache.select_rows
     monkeypatch.setattr(RolloutCache, "select_rows",
                         lambda self, rows: (compactions.append(len(rows)), original_select(self, rows))[1])
-    rollouts = RolloutEngine(model, tokenizer).generate(requests, SamplingConfig(max_tool_calls=0, **GREEDY))
+    rollouts = RolloutEngine(model, tiny_tokenizer).generate(requests, SamplingConfig(max_tool_calls=0, **GREEDY))
     assert compactions, "finished rows were never dropped: the compaction path did not run"
     assert len({len(r.completion_ids) for r in rollouts}) > 2, "rows must finish at different steps"
     for index, text in enumerate(texts):
-        prompt = torch.tensor([tokenizer.encode(text)])
+        prompt = torch.tensor([tiny_tokenizer.encode(text)])
         expected = model.generate(prompt, do_sample=False, max_new_tokens=GREEDY["max_new_tokens"],
-                                  pad_token_id=tokenizer.pad_token_id)[0, prompt.shape[1]:].tolist()
+                                  pad_token_id=tiny_tokenizer.pad_token_id)[0, prompt.shape[1]:].tolist()
         for rollout in rollouts[3 * index:3 * index + 3]:
             got = rollout.completion_ids
             assert got == expected[:len(got)], f"prompt {index} sample {rollout.sample}: differs from generate()"
@@ -339,16 +349,44 @@ def test_temperature_zero_is_greedy_and_seed_independent(tool_model, tokenizer):
     assert [r.completion_ids for r in runs[0]] == [r.completion_ids for r in runs[1]]
 
 
-def test_sampling_is_reproducible_and_independent_of_the_batch_size(tool_model, tokenizer):
+def sample_runs(tool_model, tokenizer, batch_sizes, temperature=1.5):
     engine = RolloutEngine(tool_model, tokenizer, ScriptedSandbox())
-    config = SamplingConfig(temperature=1.5, max_new_tokens=40)
-    runs = [engine.generate(requests_for(tokenizer, "ABCD", samples=2), SamplingConfig(**{**config.__dict__,
-                                                                                       "batch_size": size}), seed=7)
-            for size in (8, 8, 2)]
-    texts = [[r.completion_ids for r in run] for run in runs]
-    assert texts[0] == texts[1], "the same seed must give the same rollouts"
-    assert texts[0] == texts[2], "a row's samples must not depend on the other rows of its batch"
+    return [engine.generate(requests_for(tokenizer, "ABCD", samples=2),
+                            SamplingConfig(temperature=temperature, max_new_tokens=40, batch_size=size), seed=7)
+            for size in batch_sizes]
+
+
+def test_sampling_is_reproducible_for_a_given_batch_size(tool_model, tokenizer):
+    runs = sample_runs(tool_model, tokenizer, (8, 8, 2))
+    assert [r.completion_ids for r in runs[0]] == [r.completion_ids for r in runs[1]], \
+        "the same seed and batch size must give the same rollouts"
     assert [r.request for r in runs[2]] == [0, 0, 1, 1, 2, 2, 3, 3], "request indices are global across batches"
+
+
+def test_the_batch_size_moves_a_sample_only_across_a_cdf_boundary(tool_model, tokenizer):
+    """The claim that holds for real vocabularies: each row draws its uniforms from its own stream, so another
+    batch size changes its logits only by float noise; a token then changes only when the row's uniform lies
+    within that noise of a CDF boundary, i.e. to the NEIGHBOURING token id (every token has probability > 0).
+    With the tiny vocabulary that never happened; with Qwen's 152k tokens it does (issue #13)."""
+    wide, narrow = sample_runs(tool_model, tokenizer, (8, 2))
+    for row, (a, b) in enumerate(zip(wide, narrow)):
+        first = next((i for i, (x, y) in enumerate(zip(a.completion_ids, b.completion_ids)) if x != y), None)
+        if first is None:
+            assert a.completion_ids == b.completion_ids, f"row {row}: one rollout is a prefix of the other"
+            continue
+        x, y = a.completion_ids[first], b.completion_ids[first]
+        assert abs(x - y) == 1, f"row {row} diverged at token {first}: {x} vs {y} is not a CDF-boundary move"
+        common = torch.tensor(a.logprobs[:first]) - torch.tensor(b.logprobs[:first])
+        assert common.abs().max().item() < 1e-4 if first else True, \
+            f"row {row}: log-probs of the shared prefix differ by more than float noise"
+
+
+def test_greedy_decoding_does_not_depend_on_the_batch_size(tool_model, tokenizer):
+    engine = RolloutEngine(tool_model, tokenizer, ScriptedSandbox())
+    runs = [engine.generate(requests_for(tokenizer, "ABCD", samples=2), SamplingConfig(batch_size=size, **GREEDY))
+            for size in (8, 2)]
+    assert [r.completion_ids for r in runs[0]] == [r.completion_ids for r in runs[1]], \
+        "greedy rollouts must not depend on the batch size"
 
 
 def test_a_running_cell_does_not_stall_the_other_rows(tool_model, tokenizer, monkeypatch):
@@ -394,3 +432,29 @@ def test_rollback_resumes_decoding_before_held_back_bytes():
     assert rollout_module._decoded_prefix([3, 5, 8], floor=0) == 3
     assert rollout_module._decoded_prefix([0, 0], floor=0) == 0
     assert rollout_module._decoded_prefix([4, 9, 9, 9], floor=3) == 3, "never before the last observation"
+
+
+# ----------------------------------------------------------------------------------------------
+# RL sample building on the engine's own rollouts (every tokenizer's fence and observation splits)
+
+
+def test_rl_samples_from_engine_rollouts_train_on_model_text_only(tool_model, tokenizer):
+    from thor_min.rl import build_samples, step_prefix
+
+    engine = RolloutEngine(tool_model, tokenizer, ScriptedSandbox(fail=(1,)))     # C's second cell fails
+    made, = engine.generate(requests_for(tokenizer, ["C"]), SamplingConfig(**GREEDY))
+    first, failed = made.cells
+    assert first.passed and not failed.passed, "the scripted sandbox fails C's second cell"
+    other, = RolloutEngine(tool_model, tokenizer, ScriptedSandbox()).generate(requests_for(tokenizer, ["C"]),
+                                                                              SamplingConfig(**GREEDY))
+    sample = build_samples([([made, other], [0.0, 1.0])], [])[0]
+    n_prompt = len(made.prompt_ids)
+    trained = {i - n_prompt for i, m in enumerate(sample.target_mask) if m}
+    observation = set(range(first.close_token, first.output_end)) | set(range(failed.close_token, failed.output_end))
+    assert trained and not trained & observation, "a trajectory sample must never train on an output block"
+    prefix = step_prefix(made, suffix_tokens=3)
+    cut = len(prefix) - n_prompt
+    assert first.output_end <= cut <= failed.fence_token, \
+        f"the step prefix ({cut} tokens) must end after the first output block and before the failed fence"
+    assert not tokenizer.decode(prefix[n_prompt + first.output_end:]).count("```"), \
+        "the kept reasoning after the last output block holds no fence piece"

@@ -41,17 +41,17 @@ def tool_examples(tokenizer, problems):
 
 
 @pytest.fixture(scope="module")
-def sample(tokenizer):
+def sample(any_tokenizer):
     problem = next(p for p in tasks.train_split(20) if p.kind == "boxes")   # two cells
     prompt, response = build_prompt("tiny", problem.question), tool_response(problem)
-    return prompt, response, tokenize_example(tokenizer, prompt, response)
+    return prompt, response, tokenize_example(any_tokenizer, prompt, response)
 
 
-def segment_spans(tokenizer, prompt, response):
+def segment_spans(any_tokenizer, prompt, response):
     """(start, end, is_observation) token spans of the response segments, tokenised one by one."""
-    position, spans = len(tokenizer.encode(prompt, add_special_tokens=False)), []
+    position, spans = len(any_tokenizer.encode(prompt, add_special_tokens=False)), []
     for segment, is_observation in split_segments(response):
-        n = len(tokenizer.encode(segment, add_special_tokens=False))
+        n = len(any_tokenizer.encode(segment, add_special_tokens=False))
         spans.append((position, position + n, is_observation))
         position += n
     return spans
@@ -61,25 +61,25 @@ def segment_spans(tokenizer, prompt, response):
 # tokenize_example
 
 
-def test_prompt_tokens_are_the_prompt_alone_and_masked(tokenizer, sample):
+def test_prompt_tokens_are_the_prompt_alone_and_masked(any_tokenizer, sample):
     prompt, _, example = sample
-    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+    prompt_ids = any_tokenizer.encode(prompt, add_special_tokens=False)
     assert example.ids[:len(prompt_ids)] == prompt_ids, "the prompt must be tokenised on its own, first"
     assert set(example.loss_mask[:len(prompt_ids)]) == {0}, "prompt tokens must have loss mask 0"
 
 
-def test_observation_blocks_are_masked_and_model_text_is_trained(tokenizer, sample):
+def test_observation_blocks_are_masked_and_model_text_is_trained(any_tokenizer, sample):
     prompt, response, example = sample
-    spans = segment_spans(tokenizer, prompt, response)
+    spans = segment_spans(any_tokenizer, prompt, response)
     assert sum(obs for *_, obs in spans) == 2, "the sample should have two observation blocks"
     for start, end, is_observation in spans:
         assert set(example.loss_mask[start:end]) == {0 if is_observation else 1}, \
             f"span {start}:{end} (observation={is_observation}) has mask {example.loss_mask[start:end]}"
 
 
-def test_eos_is_appended_and_trained(tokenizer, sample):
+def test_eos_is_appended_and_trained(any_tokenizer, sample):
     _, _, example = sample
-    assert (example.ids[-1], example.loss_mask[-1]) == (tokenizer.eos_token_id, 1), "EOS must end the example, mask 1"
+    assert (example.ids[-1], example.loss_mask[-1]) == (any_tokenizer.eos_token_id, 1), "EOS must end the example, mask 1"
 
 
 def test_mask_has_one_entry_per_token(sample):
@@ -87,29 +87,29 @@ def test_mask_has_one_entry_per_token(sample):
     assert len(example.ids) == len(example.loss_mask), "ids and loss mask lengths differ"
 
 
-def test_train_on_outputs_trains_observations_too(tokenizer, sample):
+def test_train_on_outputs_trains_observations_too(any_tokenizer, sample):
     prompt, response, _ = sample
-    example = tokenize_example(tokenizer, prompt, response, train_on_outputs=True)
-    n_prompt = len(tokenizer.encode(prompt, add_special_tokens=False))
+    example = tokenize_example(any_tokenizer, prompt, response, train_on_outputs=True)
+    n_prompt = len(any_tokenizer.encode(prompt, add_special_tokens=False))
     assert set(example.loss_mask[n_prompt:]) == {1}, "train_on_outputs=True should put 1 on the whole response"
     assert set(example.loss_mask[:n_prompt]) == {0}, "the prompt stays masked with train_on_outputs"
 
 
-def test_add_eos_false_leaves_eos_out(tokenizer, sample):
+def test_add_eos_false_leaves_eos_out(any_tokenizer, sample):
     prompt, response, full = sample
-    example = tokenize_example(tokenizer, prompt, response, add_eos=False)
+    example = tokenize_example(any_tokenizer, prompt, response, add_eos=False)
     assert example.ids == full.ids[:-1] and example.loss_mask == full.loss_mask[:-1], "add_eos=False changed more"
-    assert tokenizer.eos_token_id not in example.ids, "EOS present although add_eos=False"
+    assert any_tokenizer.eos_token_id not in example.ids, "EOS present although add_eos=False"
 
 
-def test_ids_decode_back_to_prompt_response_eos(tokenizer, sample):
+def test_ids_decode_back_to_prompt_response_eos(any_tokenizer, sample):
     prompt, response, example = sample
-    text = tokenizer.decode(example.ids, skip_special_tokens=False)
-    assert text == prompt + response + tokenizer.eos_token, f"round trip failed:\n{text!r}"
+    text = any_tokenizer.decode(example.ids, skip_special_tokens=False)
+    assert text == prompt + response + any_tokenizer.eos_token, f"round trip failed:\n{text!r}"
 
 
-def test_observation_ids_equal_the_engine_encoding_of_the_block(tokenizer, sample):
-    """The engine tokenises each observation block alone: `tokenizer.encode(observation_block(obs, text))`."""
+def test_observation_ids_equal_the_engine_encoding_of_the_block(any_tokenizer, sample):
+    """The engine tokenises each observation block alone: `any_tokenizer.encode(observation_block(obs, text))`."""
     prompt, response, example = sample
     blocks, text = [], ""
     for segment, is_observation in split_segments(response):
@@ -117,16 +117,16 @@ def test_observation_ids_equal_the_engine_encoding_of_the_block(tokenizer, sampl
             value = segment.split("```output\n")[1].split("\n```")[0]
             blocks.append(observation_block(value, text))
         text += segment
-    spans = [(s, e) for s, e, obs in segment_spans(tokenizer, prompt, response) if obs]
+    spans = [(s, e) for s, e, obs in segment_spans(any_tokenizer, prompt, response) if obs]
     assert len(spans) == len(blocks) == 2, f"expected 2 observation blocks in {response!r}"
     for (start, end), block in zip(spans, blocks):
-        assert example.ids[start:end] == tokenizer.encode(block, add_special_tokens=False), \
+        assert example.ids[start:end] == any_tokenizer.encode(block, add_special_tokens=False), \
             f"observation ids differ from the engine's encoding of {block!r}"
 
 
-def test_plain_response_is_all_trained(tokenizer):
-    example = tokenize_example(tokenizer, "Question: x\nAnswer:\n", "1 + 1 = 2.\nThe answer is \\boxed{2}.")
-    n_prompt = len(tokenizer.encode("Question: x\nAnswer:\n", add_special_tokens=False))
+def test_plain_response_is_all_trained(any_tokenizer):
+    example = tokenize_example(any_tokenizer, "Question: x\nAnswer:\n", "1 + 1 = 2.\nThe answer is \\boxed{2}.")
+    n_prompt = len(any_tokenizer.encode("Question: x\nAnswer:\n", add_special_tokens=False))
     assert set(example.loss_mask[n_prompt:]) == {1}, "a response without tools is model text throughout"
 
 

@@ -260,43 +260,43 @@ def test_a_round_cut_by_a_kill_mid_write_is_redone(tmp_path, tokenizer, sandbox)
 class FixedActor:
     """Every call answers every request with the same rollout text / finish reason."""
 
-    def __init__(self, tokenizer, text, finish_reason="stop"):
-        self.tokenizer, self.text, self.finish_reason = tokenizer, text, finish_reason
+    def __init__(self, any_tokenizer, text, finish_reason="stop"):
+        self.tokenizer, self.text, self.finish_reason = any_tokenizer, text, finish_reason
 
     def generate(self, requests, config, *, seed=0, progress=None):
         return [Rollout(request=i, sample=0, prompt_ids=list(r.prompt_ids), text=self.text,
                         finish_reason=self.finish_reason) for i, r in enumerate(requests)]
 
 
-def attempt_with(tokenizer, text, critic, finish_reason="stop", **config):
+def attempt_with(any_tokenizer, text, critic, finish_reason="stop", **config):
     settings = dict(attempts=1, step_delimiter="\n", max_chunks=3)
     settings.update(config)
-    return generate_attempts(FixedActor(tokenizer, text, finish_reason), critic, PROBLEMS[:1],
+    return generate_attempts(FixedActor(any_tokenizer, text, finish_reason), critic, PROBLEMS[:1],
                              TIRGenConfig(**settings), "tiny")[0]
 
 
-def test_attempt_with_a_fence_from_the_actor_is_dropped(tokenizer):
-    attempt = attempt_with(tokenizer, f"{FENCE}python\nprint(1)\n{FENCE}\n", RuleCritic(FakeSandbox()))
+def test_attempt_with_a_fence_from_the_actor_is_dropped(any_tokenizer):
+    attempt = attempt_with(any_tokenizer, f"{FENCE}python\nprint(1)\n{FENCE}\n", RuleCritic(FakeSandbox()))
     assert attempt.dropped == "actor wrote a fence", attempt
 
 
-def test_attempt_with_a_failed_critic_cell_is_dropped(tokenizer):
-    attempt = attempt_with(tokenizer, "8 / 0 = 1.\n", RuleCritic(FakeSandbox()))
+def test_attempt_with_a_failed_critic_cell_is_dropped(any_tokenizer):
+    attempt = attempt_with(any_tokenizer, "8 / 0 = 1.\n", RuleCritic(FakeSandbox()))
     assert attempt.dropped == "critic cell failed", attempt
 
 
-def test_attempt_that_never_answers_is_dropped(tokenizer):
-    attempt = attempt_with(tokenizer, "Let me think.\n", RuleCritic(FakeSandbox()))
+def test_attempt_that_never_answers_is_dropped(any_tokenizer):
+    attempt = attempt_with(any_tokenizer, "Let me think.\n", RuleCritic(FakeSandbox()))
     assert attempt.dropped == "too many chunks" and attempt.response == "Let me think.\n" * 3, attempt
 
 
-def test_empty_chunk_ends_the_attempt(tokenizer):
-    attempt = attempt_with(tokenizer, "", RuleCritic(FakeSandbox()))
+def test_empty_chunk_ends_the_attempt(any_tokenizer):
+    attempt = attempt_with(any_tokenizer, "", RuleCritic(FakeSandbox()))
     assert attempt.dropped == "empty chunk", attempt
 
 
-def test_overlong_attempt_is_dropped(tokenizer):
-    attempt = attempt_with(tokenizer, "Let me think.\n", RuleCritic(FakeSandbox()), max_response_tokens=4)
+def test_overlong_attempt_is_dropped(any_tokenizer):
+    attempt = attempt_with(any_tokenizer, "Let me think.\n", RuleCritic(FakeSandbox()), max_response_tokens=4)
     assert attempt.dropped == "too long", attempt
 
 
@@ -515,3 +515,12 @@ def test_llm_critic_returns_text_when_the_critic_finishes(tokenizer, sandbox):
     model.lm_head = head
     rewritten = LLMCritic(RolloutEngine(model, tokenizer, sandbox), max_new_tokens=8).rewrite(["12 * 5 = 60.\n\n"])
     assert rewritten == ["\n\n"], f"an empty clean rewrite keeps the chunk's delimiter: {rewritten!r}"
+
+
+def test_the_code_filter_defaults_to_the_released_code_rule():
+    from thor_min.config import preset_for
+
+    defaults = {"TIRGenConfig": TIRGenConfig().code_filter, "qwen-1.5b preset": preset_for("qwen-1.5b").tirgen_code_filter,
+                "qwen3-8b preset": preset_for("qwen3-8b").tirgen_code_filter}
+    assert set(defaults.values()) == {"lines"}, \
+        f"THOR.md: where paper and code differ the code's rule (> 5 lines) is the default, got {defaults}"

@@ -35,7 +35,7 @@ class Preset:
     tirgen_step_tokens: int = 512
     tirgen_delimiter: str = "\n\n"
     tirgen_temperature: float = 1.0
-    tirgen_code_filter: str = "library"
+    tirgen_code_filter: str = "lines"  # THOR code: most cells > 5 lines (THOR.md: code over paper)
     # cold-start SFT
     sft_lr: float = 2e-5
     sft_epochs: float = 3.0

@@ -12,9 +12,11 @@ signs, thousands commas) and compares them in two tiers:
    by `timeout` seconds (a hang counts as False and the worker is replaced on the next call). The
    worker, its line protocol and why a process kill is the bound: `thor_min/grader_worker.py`.
 
-Design choice: `grade` never raises, and a `Grader` owns at most one worker, started lazily, so
-integer-only grading costs no process at all; if math-verify cannot start, grading carries on with
-the fast path alone. The worker is limited to `WORKER_MEMORY_BYTES` and closed at exit.
+Design choice: `grade` never raises on strange input, and a `Grader` owns at most one worker, started
+lazily, so integer-only grading costs no process at all. A worker that fails to start is retried
+`START_ATTEMPTS` times and then raises `GraderError`: grading what only math-verify can decide as False
+would silently corrupt RL rewards and benchmark scores. The worker is limited to `WORKER_MEMORY_BYTES`
+and closed at exit.
 
 Limits: a multiple-choice gold matches only the letter, not the value of that choice; unit
 stripping is heuristic (`\\text{...}` words after a value, or plain words after a number);
@@ -26,6 +28,7 @@ import functools
 import logging
 import re
 import threading
+import time
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Sequence
@@ -36,6 +39,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 5.0          # seconds per response on the math-verify path
 STARTUP_TIMEOUT = 60.0         # seconds for the worker to import sympy and math-verify
+START_ATTEMPTS = 3             # a worker that fails to start is retried this often, then the run stops
 MAX_ANSWER_CHARS = 1000        # longer boxed answers are rejected outright
 WORKER_MEMORY_BYTES = 4 << 30  # address-space limit of the worker process
 RELATIVE_TOLERANCE = Fraction(1, 10**6)  # for decimals written with a point or exponent
@@ -69,18 +73,21 @@ def _braced_content(text: str, open_index: int) -> str | None:
 
 
 def extract_boxed(text: str) -> str | None:
-    """Content of the last complete `\\boxed{...}` (or `\\fbox{...}`, or `\\boxed 5`), else None."""
+    """Content of the LAST `\\boxed{...}` (or `\\fbox{...}`, or `\\boxed 5`); None if there is none or the last
+    one is unclosed: a response cut off inside its final box has no answer (an earlier box is stale)."""
     if not isinstance(text, str):
         return None
-    pairs = _brace_pairs(text)  # one linear pass, so many unclosed boxes stay cheap
-    for match in reversed(list(_BOX_COMMAND.finditer(text))):
-        after = re.match(r"\s*", text[match.end():match.end() + 100]).end() + match.end()
-        if text.startswith("{", after) and after in pairs:
-            return text[after + 1:pairs[after]].strip()
-        token = re.match(r"[^\s${]*", text[after:after + MAX_ANSWER_CHARS + 1]).group()
-        if after > match.end() and token:  # "\boxed 5": one token up to a space or `$`
-            return token
-    return None
+    last = None
+    for last in _BOX_COMMAND.finditer(text):
+        pass
+    if last is None:
+        return None
+    after = re.match(r"\s*", text[last.end():last.end() + 100]).end() + last.end()
+    if text.startswith("{", after):
+        content = _braced_content(text, after)   # one linear pass, so many unclosed braces stay cheap
+        return None if content is None else content.strip()
+    token = re.match(r"[^\s${]*", text[after:after + MAX_ANSWER_CHARS + 1]).group()
+    return token if after > last.end() and token else None   # "\boxed 5": one token up to a space or `$`
 
 
 # ----------------------------------------------------------------------------- normalisation
@@ -237,15 +244,22 @@ def _golds_list(gold: Gold) -> list[str]:
     return [str(g) for g in golds if g is not None and str(g).strip()]
 
 
+class GraderError(RuntimeError):
+    """The math-verify worker could not be started: symbolic answers cannot be graded, so the run stops
+    (grading them False instead would silently corrupt rewards and scores)."""
+
+
 class Grader:
     """Grades responses against gold answers; owns (lazily) one math-verify worker process."""
 
     def __init__(self, timeout: float = DEFAULT_TIMEOUT, *, use_math_verify: bool = True,
-                 memory_bytes: int = WORKER_MEMORY_BYTES, startup_timeout: float = STARTUP_TIMEOUT):
+                 memory_bytes: int = WORKER_MEMORY_BYTES, startup_timeout: float = STARTUP_TIMEOUT,
+                 start_attempts: int = START_ATTEMPTS):
         self.timeout = timeout
-        self.use_math_verify = use_math_verify
+        self.use_math_verify = use_math_verify   # False: the fast path alone, by the caller's explicit choice
         self.memory_bytes = memory_bytes
         self.startup_timeout = startup_timeout
+        self.start_attempts = start_attempts
         self.worker_restarts = 0  # how many times a hung or crashed worker was killed
         self._worker: Worker | None = None
         self._lock = threading.Lock()
@@ -304,12 +318,7 @@ class Grader:
     def _slow_grade(self, answer: str, golds: list[str], timeout: float) -> bool:
         with self._lock:
             if self._worker is None or not self._worker.alive():
-                try:
-                    self._worker = Worker(self.memory_bytes, self.startup_timeout)
-                except Exception:  # e.g. math-verify missing: keep grading with the fast path
-                    log.warning("math-verify worker failed to start; fast path only", exc_info=True)
-                    self.use_math_verify = False
-                    return False
+                self._worker = self._start_worker()
             verdict = None
             try:
                 verdict = self._worker.verify(answer, golds, timeout)
@@ -319,6 +328,20 @@ class Grader:
                     self._worker = None
                     self.worker_restarts += 1
             return bool(verdict)
+
+    def _start_worker(self) -> Worker:
+        """A fresh worker; a failed start is retried `start_attempts` times, then raises GraderError."""
+        failure = None
+        for attempt in range(1, self.start_attempts + 1):
+            try:
+                return Worker(self.memory_bytes, self.startup_timeout)
+            except Exception as error:  # noqa: BLE001 -- any failure to start counts as one attempt
+                failure = error
+                log.warning("math-verify worker failed to start (attempt %d of %d): %s", attempt,
+                            self.start_attempts, error)
+                time.sleep(0.2 * attempt)
+        raise GraderError(f"the math-verify grader worker failed to start {self.start_attempts} times ({failure}); "
+                          f"check that math-verify imports (python -c 'import math_verify') and that memory is free")
 
     def close(self) -> None:
         """Stop the worker process (a later call starts a new one)."""

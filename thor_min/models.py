@@ -166,9 +166,15 @@ def save_model_dir(model, tokenizer, out_dir: str | Path, template: str) -> Path
     return out_dir
 
 
-def write_metadata(out_dir: str | Path, template: str) -> None:
-    """Record the prompt template family next to the weights (read back by `detect_template`)."""
-    (Path(out_dir) / METADATA_FILE).write_text(json.dumps({"template": template}) + "\n")
+def write_metadata(out_dir: str | Path, template: str, **facts) -> None:
+    """Record the prompt template family (read back by `detect_template`) and any `facts` next to the weights."""
+    (Path(out_dir) / METADATA_FILE).write_text(json.dumps({"template": template, **facts}) + "\n")
+
+
+def read_metadata(model_dir: str | Path) -> dict:
+    """The `thor_min.json` of a model directory we wrote, or {} for any other model."""
+    path = Path(model_dir) / METADATA_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,10 +183,9 @@ def write_metadata(out_dir: str | Path, template: str) -> None:
 
 def detect_template(name: str, tokenizer=None) -> str:
     """The template family of a model: its `thor_min.json`, else Qwen3 -> `qwen3`, else `qwen-math`."""
-    path = Path(resolve_model_name(name)).expanduser()
-    metadata = path / METADATA_FILE
-    if metadata.is_file():
-        return json.loads(metadata.read_text())["template"]
+    metadata = read_metadata(Path(resolve_model_name(name)).expanduser())
+    if metadata:
+        return metadata["template"]
     lowered = resolve_model_name(name).lower()
     if "qwen3" in lowered and tokenizer is not None and getattr(tokenizer, "chat_template", None):
         return "qwen3"

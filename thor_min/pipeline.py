@@ -31,7 +31,8 @@ from thor_min.config import Preset
 from thor_min.data import Problem, load_problems
 from thor_min.evaluate import EvalConfig, evaluate, record_dict
 from thor_min.metrics import MetricsLog
-from thor_min.models import build_prompt, detect_template, encode_prompt, load_model, save_model_dir, write_metadata
+from thor_min.models import (build_prompt, detect_template, encode_prompt, load_model, load_tokenizer, read_metadata,
+                             save_model_dir, write_metadata)
 from thor_min.rl import RLConfig, run_rl
 from thor_min.rollout import RolloutEngine
 from thor_min.sandbox import Sandbox
@@ -42,6 +43,7 @@ from thor_min.trackers import open_trackers
 
 STAGES = ("pretrain", "tirgen", "sft", "rl", "eval")
 ALL_CORES = torch.get_num_threads()          # torch's default, before any stage changes it
+ADAPTER_FILE = "adapter.safetensors"   # a 4-bit stage's LoRA adapter, beside its merged weights
 RL_VARIANTS = {  # directory -> (starts from, tools, step level)
     "rl-traj": ("sft", True, False),
     "rl": ("sft", True, True),
@@ -106,27 +108,44 @@ def training_problems(run: Run, count: int, salt: int) -> list[Problem]:
 
 
 def load_policy(run: Run, name: str, trainable: bool):
-    """Load a stage's model; for training, wrap LoRA adapters and enable checkpointing per the preset."""
-    preset = run.preset
-    model, tokenizer = load_model(name, device=run.device, load_in_4bit=preset.load_in_4bit and trainable,
-                                  gradient_checkpointing=preset.gradient_checkpointing and trainable)
-    if trainable and preset.lora_rank > 0:
-        from thor_min.lora import apply_lora
+    """Load a stage's model; for training, wrap LoRA adapters and enable checkpointing per the preset.
 
+    The 4-bit hand-off: a stage trained on an NF4 base leaves its adapter beside the merged weights
+    (`save_policy`). Training on from it re-loads the same NF4 base and that adapter, so the next stage starts
+    from exactly the policy the last one ended with; re-quantising the merged weights instead would round away
+    a LoRA delta far below the NF4 level spacing and start RL from the base, not from the cold start."""
+    from thor_min.lora import apply_lora, load_lora
+
+    preset = run.preset
+    adapter = read_metadata(name).get("adapter") if trainable and preset.load_in_4bit else None
+    model, tokenizer = load_model(read_metadata(name)["base"] if adapter else name, device=run.device,
+                                  load_in_4bit=preset.load_in_4bit and trainable,
+                                  gradient_checkpointing=preset.gradient_checkpointing and trainable)
+    if adapter:
+        apply_lora(model, adapter["rank"], adapter["alpha"])
+        load_lora(model, Path(name) / adapter["file"])
+        tokenizer = load_tokenizer(name)
+    elif trainable and preset.lora_rank > 0:
         apply_lora(model, preset.lora_rank, preset.lora_alpha)
     return model, tokenizer
 
 
 def save_policy(run: Run, model, tokenizer, name: str) -> Path:
     """Write a loadable model directory atomically (LoRA adapters merged into a dense copy)."""
-    from thor_min.lora import export_merged, lora_layers
+    from thor_min.lora import export_merged, lora_layers, save_lora
 
     target, temp = run.model_dir(name), run.model_dir(name + ".tmp")
     shutil.rmtree(temp, ignore_errors=True)
     if lora_layers(model):
         export_merged(model, temp)
         tokenizer.save_pretrained(temp)
-        write_metadata(temp, run.template(tokenizer))
+        facts = {}
+        if run.preset.load_in_4bit:   # keep NF4 base + adapter for the next stage (see load_policy)
+            save_lora(model, temp / ADAPTER_FILE)
+            layer = next(iter(lora_layers(model).values()))
+            facts = {"base": model.name_or_path,   # the NF4 base this model was loaded from
+                     "adapter": {"file": ADAPTER_FILE, "rank": layer.rank, "alpha": layer.alpha}}
+        write_metadata(temp, run.template(tokenizer), **facts)
     else:
         save_model_dir(model, tokenizer, temp, run.template(tokenizer))
     shutil.rmtree(target, ignore_errors=True)

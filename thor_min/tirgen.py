@@ -49,7 +49,7 @@ class TIRGenConfig:
     max_chunks: int = 24
     max_response_tokens: int = 3200
     temperature: float = 1.0
-    code_filter: str = "library"     # library (paper) | lines (code: > min_code_lines lines) | none
+    code_filter: str = "lines"       # lines (code, the default: > min_code_lines lines) | library (paper) | none
     min_code_lines: int = 5
     one_cell_keep: float = 0.5       # fraction of the one-cell bucket kept (THOR code: down-sample by 50 %)
     batch_size: int = 64             # rows per engine batch
