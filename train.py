@@ -4,6 +4,7 @@
     python train.py --ablation               # ... plus plain-CoT SFT and RL without tools (no-tool rows)
     python train.py --model qwen-1.5b        # Qwen2.5-Math-1.5B on one 24 GB GPU (LoRA, checkpointing)
     python train.py --stage rl --resume      # one stage; --resume continues an interrupted run
+    torchrun --nproc_per_node 8 train.py --model qwen-7b   # data-parallel on 8 GPUs (README: More than one GPU)
 
 Every default lives in thor_min/config.py (one preset per model alias); flags below override it.
 Outputs go to --out (default runs/<model>): metrics.jsonl, curves.png, report.md, summary.json, ablation.png.
@@ -44,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     memory.add_argument("--rollout-batch", type=int, help="sampled rows per forward in rollouts (KV cache size)")
     memory.add_argument("--max-new-tokens", type=int, help="response length in RL and evaluation (KV cache size)")
     run.add_argument("--checkpoint-every", type=int, help="optimiser steps between checkpoints")
+    run.add_argument("--dist-timeout", type=float, default=30.0, help="under torchrun: minutes a rank waits for "
+                     "the others in a collective before the run fails (a dead rank ends the run; default: 30)")
     pretrain = parser.add_argument_group("pretraining (tiny world)")
     pretrain.add_argument("--pretrain-steps", type=int, help="length of the pretraining LR schedule (steps)")
     pretrain.add_argument("--pretrain-max-steps", type=int, help="hard cap on pretraining steps")
@@ -114,9 +117,11 @@ def check_out_dir(args, out: Path) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = args.out or Path("runs") / args.model.strip("/").replace("/", "--")
-    check_out_dir(args, out)
     import torch
 
+    from thor_min import distributed
+    distributed.setup(args.dist_timeout)
+    distributed.rank_zero_writes(check_out_dir)(args, out)
     from thor_min.data import DataError
     from thor_min.models import ModelLoadError, silence_library_logs
     from thor_min.pipeline import run_stages
@@ -134,6 +139,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"\ninterrupted: continue with python train.py --resume --out {out} ...", file=sys.stderr)
         return 130
+    finally:
+        distributed.teardown()
     return 0
 
 
