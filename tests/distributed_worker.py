@@ -116,16 +116,28 @@ def main() -> None:
     parser.add_argument("--kill-rank1-at", type=int)
     args = parser.parse_args()
     distributed.setup(timeout_minutes=1.0)
-    torch.manual_seed(100 + distributed.rank())       # ranks differ unless the code makes them agree
-    args.out.mkdir(parents=True, exist_ok=True)
     if args.mode == "parity":
-        sft_step(args.out)
-        with Sandbox(workers=1, timeout=5.0) as sandbox:
-            rl_step(args.out, sandbox)
-            tirgen_and_eval(args.out, sandbox)
+        parity(args.out)
     else:
         sft_run(args.out, args.resume, args.kill_rank1_at)
     distributed.teardown()
+
+
+def parity(out: Path) -> None:
+    """Every parity scenario; the global RNGs are seeded per rank (ranks differ unless the code makes them
+    agree) and restored afterwards (the 1-process reference runs inside pytest)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                   # as each torchrun rank (OMP_NUM_THREADS=1): same float kernels
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(100 + distributed.rank())
+            out.mkdir(parents=True, exist_ok=True)
+            sft_step(out)
+            with Sandbox(workers=1, timeout=5.0) as sandbox:
+                rl_step(out, sandbox)
+                tirgen_and_eval(out, sandbox)
+    finally:
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

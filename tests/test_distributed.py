@@ -1,6 +1,6 @@
 """Data parallelism on CPU with gloo: 2 real ranks under torchrun make the same run as 1 process.
 
-    pytest tests/test_distributed.py        # about a minute on 2 cores (two torchrun launches of 2 ranks)
+    pytest tests/test_distributed.py        # three torchrun launches of 2 ranks (minutes on a loaded 2-core machine)
 
 The scenarios live in tests/distributed_worker.py; the 1-process reference runs in this process (world size 1
 is the same code path), the 2-rank run under `torchrun --standalone --nproc_per_node 2`. Tolerances: 2 ranks
@@ -21,6 +21,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "distributed_worker.py"
+sys.path.insert(0, str(WORKER.parent))
+import distributed_worker  # noqa: E402  (the scenarios, shared with the torchrun ranks)
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
 TOLERANCE = 1e-5
 pytestmark = pytest.mark.slow
@@ -35,9 +38,7 @@ def torchrun(*args, timeout: float = 240) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> tuple[Path, Path]:
     one, two = tmp_path_factory.mktemp("one-rank"), tmp_path_factory.mktemp("two-ranks")
-    single = subprocess.run([sys.executable, str(WORKER), "parity", str(one)], cwd=REPO, env=ENV,
-                            capture_output=True, text=True, timeout=240)
-    assert single.returncode == 0, f"the 1-process run failed: {single.stderr[-2000:]}"
+    distributed_worker.parity(one)       # world size 1, in this process
     result = torchrun("parity", two)
     assert result.returncode == 0, f"the 2-rank run failed: {result.stderr[-3000:]}"
     return one, two
