@@ -14,7 +14,8 @@ directory and writes its own, so any stage can be (re)run alone with `--stage`:
 
 A finished stage leaves its model directory (written last); with `--resume` finished stages are skipped and
 an interrupted one continues from its checkpoint under OUT/checkpoints/. Limits: stages run one after the
-other in one process; real models need a GPU and a reachable (or local) model and dataset.
+other in one process (or, under torchrun, one per GPU: thor_min.distributed); real models need a GPU and a
+reachable (or local) model and dataset.
 """
 
 import json
