@@ -4,6 +4,7 @@
     python train.py --ablation               # ... plus plain-CoT SFT and RL without tools (no-tool rows)
     python train.py --model qwen-1.5b        # Qwen2.5-Math-1.5B on one 24 GB GPU (LoRA, checkpointing)
     python train.py --stage rl --resume      # one stage; --resume continues an interrupted run
+    torchrun --nproc_per_node 8 train.py --model qwen-7b   # data-parallel on 8 GPUs (README: More than one GPU)
 
 Every default lives in thor_min/config.py (one preset per model alias); flags below override it.
 Outputs go to --out (default runs/<model>): metrics.jsonl, curves.png, report.md, summary.json, ablation.png,
@@ -55,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="torch threads on a CPU in TIRGen, RL and eval, 0 = one per core (default: the preset's; tiny: 1)")
     memory.add_argument("--max-new-tokens", type=int, help="response length in RL and evaluation (KV cache size)")
     run.add_argument("--checkpoint-every", type=int, help="optimiser steps between checkpoints")
+    run.add_argument("--dist-timeout", type=float, default=30.0, help="under torchrun: minutes a rank waits for "
+                     "the others in a collective before the run fails (a dead rank ends the run; default: 30)")
     pretrain = parser.add_argument_group("pretraining (tiny world)")
     pretrain.add_argument("--pretrain-steps", type=int, help="length of the pretraining LR schedule (steps)")
     pretrain.add_argument("--pretrain-max-steps", type=int, help="hard cap on pretraining steps")
@@ -134,9 +137,11 @@ def main(argv=None) -> int:
     except TrackerError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    check_out_dir(args, out)
     import torch
 
+    from thor_min import distributed
+    distributed.setup(args.dist_timeout)
+    distributed.rank_zero_writes(check_out_dir)(args, out)
     from thor_min.data import DataError
     from thor_min.grader import GraderError
     from thor_min.models import ModelLoadError, silence_library_logs
@@ -160,6 +165,7 @@ def main(argv=None) -> int:
     finally:
         if run is not None:
             run.log.close()
+        distributed.teardown()
     return 0
 
 

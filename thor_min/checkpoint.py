@@ -9,7 +9,8 @@ position, anything the trainer needs to continue). Writing order makes a SIGKILL
 4. older checkpoints are deleted (beyond `keep`), as are half-written `.tmp` dirs and later-step ones left
    by an earlier run of the same directory; never the one just written.
 `load_latest` follows `latest`, so a half-written checkpoint is never read, and a run killed mid-step
-loses at most the step in flight. Limits: one process writes a directory at a time; weights are saved with
+loses at most the step in flight. With several ranks only rank 0 writes (the state is replicated).
+Limits: one process writes a directory at a time; weights are saved with
 `torch.save` (safetensors for adapters is `thor_min.lora.save_lora`'s job, for export).
 """
 
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from thor_min import distributed
 from thor_min.lora import lora_layers, lora_state_dict
 
 
@@ -37,6 +39,7 @@ def _trainable_state(model) -> dict:
     return lora_state_dict(model) if lora_layers(model) else model.state_dict()
 
 
+@distributed.rank_zero_writes
 def save_checkpoint(directory: str | Path, *, model, optimizer, step: int, state: dict, keep: int = 1) -> Path:
     """Atomically write checkpoint `step` under `directory` and make it the latest."""
     directory = Path(directory)

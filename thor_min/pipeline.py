@@ -14,7 +14,8 @@ directory and writes its own, so any stage can be (re)run alone with `--stage`:
 
 A finished stage leaves its model directory (written last); with `--resume` finished stages are skipped and
 an interrupted one continues from its checkpoint under OUT/checkpoints/. Limits: stages run one after the
-other in one process; real models need a GPU and a reachable (or local) model and dataset.
+other in one process (or, under torchrun, one per GPU: thor_min.distributed); real models need a GPU and a
+reachable (or local) model and dataset.
 """
 
 import json
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from thor_min import tasks, tiny
+from thor_min import distributed, tasks, tiny
 from thor_min.config import Preset
 from thor_min.data import Problem, load_problems
 from thor_min.evaluate import EvalConfig, evaluate, record_dict
@@ -66,8 +67,10 @@ class Run:
 
     def __post_init__(self):
         self.out = Path(self.out)
+        self.device = distributed.device(self.device)
         settings = {**asdict(self.preset), "seed": self.seed, "device": self.device, "ablation": self.ablation}
-        self.log = MetricsLog(self.out, trackers=open_trackers(self.report_to, self.out, self.out.name, settings))
+        trackers = distributed.on_rank_zero(open_trackers)(self.report_to, self.out, self.out.name, settings)
+        self.log = distributed.RankZeroOnly(MetricsLog(self.out, trackers=trackers))
 
     @property
     def is_tiny(self) -> bool:
@@ -90,6 +93,7 @@ class Run:
         return self.preset.template if self.preset.template != "auto" else detect_template(self.base_model(), tokenizer)
 
 
+@distributed.on_rank_zero
 def say(message: str) -> None:
     """One clear log line per stage event (progress bars handle the rest)."""
     print(f"[thor-min {time.strftime('%H:%M:%S')}] {message}", flush=True)
@@ -127,9 +131,11 @@ def load_policy(run: Run, name: str, trainable: bool):
         tokenizer = load_tokenizer(name)
     elif trainable and preset.lora_rank > 0:
         apply_lora(model, preset.lora_rank, preset.lora_alpha)
+    distributed.broadcast_parameters(model)   # every rank starts from rank 0's weights (LoRA init is random)
     return model, tokenizer
 
 
+@distributed.rank_zero_writes
 def save_policy(run: Run, model, tokenizer, name: str) -> Path:
     """Write a loadable model directory atomically (LoRA adapters merged into a dense copy)."""
     from thor_min.lora import export_merged, lora_layers, save_lora
@@ -162,11 +168,12 @@ def prompt_encoder(run: Run, tokenizer, tools: bool):
     return lambda problem: encode_prompt(tokenizer, template, problem.question, tools=tools)
 
 
+@distributed.rank_zero_writes
 def record_stage(run: Run, stage: str, seconds: float, **facts) -> None:
-    """Append a stage's wall time and facts to OUT/stages.json (the report sums the seconds)."""
+    """Append a stage's wall time, facts and process group to OUT/stages.json (the report sums the seconds)."""
     path = run.out / "stages.json"
     stages = json.loads(path.read_text()) if path.exists() else {}
-    stages[stage] = {"seconds": round(seconds, 1), **facts}
+    stages[stage] = {"seconds": round(seconds, 1), **facts, **distributed.describe()}
     path.write_text(json.dumps(stages, indent=2) + "\n")
 
 
@@ -237,9 +244,9 @@ def stage_tirgen(run: Run) -> None:
                           code_filter=preset.tirgen_code_filter, max_response_tokens=preset.rl_max_new_tokens,
                           batch_size=preset.rollout_batch, seed=run.seed)
     with make_sandbox(run) as sandbox:
-        engine = RolloutEngine(model, tokenizer, sandbox)
+        engine = distributed.ShardedEngine(RolloutEngine(model, tokenizer, sandbox))
         critic = RuleCritic(sandbox) if preset.critic == "rule" else LLMCritic(
-            RolloutEngine(*load_model(preset.critic, device=run.device), sandbox),
+            distributed.ShardedEngine(RolloutEngine(*load_model(preset.critic, device=run.device), sandbox)),
             max_new_tokens=2 * preset.tirgen_step_tokens)
         cot_solved = solved_by_cot(engine, problems, template, preset.rl_max_new_tokens, preset.rollout_batch)
         stats = run_tirgen(run.out, engine, critic, problems, config, template, cot_solved)
@@ -327,7 +334,7 @@ def stage_rl(run: Run) -> None:
         problems = training_problems(run, 4096, salt=1)
         quick_eval = list(eval_problems(run).values())[0][:64]
         with make_sandbox(run) as sandbox:
-            engine = RolloutEngine(model, tokenizer, sandbox)
+            engine = distributed.ShardedEngine(RolloutEngine(model, tokenizer, sandbox))
             config = EvalConfig(samples=1, temperature=0.0, max_new_tokens=run.preset.eval_max_new_tokens,
                                 batch_size=run.preset.rollout_batch)
             evaluate_greedy = lambda: {"accuracy": evaluate(engine, quick_eval, run.template(tokenizer), config,
@@ -378,8 +385,6 @@ def mean_bound(sets: dict, index: int) -> float:
 
 def stage_eval(run: Run) -> dict:
     """Evaluate every ablation row that has a model; write eval/*.jsonl, summary.json, report.md and its charts."""
-    from thor_min.report import write_report
-
     preset, started = run.preset, time.time()
     sets = eval_problems(run)
     say(f"eval: {', '.join(f'{k} ({len(v)})' for k, v in sets.items())}, avg@{preset.eval_samples}")
@@ -400,12 +405,11 @@ def stage_eval(run: Run) -> dict:
                             backtrack_tokens=preset.backtrack_tokens, batch_size=preset.rollout_batch, seed=run.seed)
         per_benchmark = {}
         with make_sandbox(run) as sandbox:
-            engine = RolloutEngine(model, tokenizer, sandbox)
+            engine = distributed.ShardedEngine(RolloutEngine(model, tokenizer, sandbox))
             for bench, problems in sets.items():
                 records, summary = evaluate(engine, problems, run.template(tokenizer), config, tools=tools,
                                             desc=f"eval {name} / {bench}")
-                with (run.out / "eval" / f"{name}-{bench}.jsonl").open("w") as handle:
-                    handle.writelines(json.dumps(record_dict(r)) + "\n" for r in records)
+                write_lines(run.out / "eval" / f"{name}-{bench}.jsonl", [record_dict(r) for r in records])
                 per_benchmark[bench] = summary
         rows.append(summarise_row(name, model_dir, tools, self_correct, per_benchmark))
         say(f"eval: {name}: accuracy {rows[-1]['accuracy']:.3f}")
@@ -413,10 +417,23 @@ def stage_eval(run: Run) -> dict:
     stages = json.loads((run.out / "stages.json").read_text())
     summary = {"rows": rows, "seconds": round(sum(s["seconds"] for s in stages.values()), 1),
                "cores": os.cpu_count(), "stages": stages, "model": preset.model,
-               "samples": preset.eval_samples, "temperature": preset.eval_temperature}
-    (run.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    write_report(run.out, summary)
+               "samples": preset.eval_samples, "temperature": preset.eval_temperature, **distributed.describe()}
+    write_summary(run.out, summary)
     return summary
+
+
+@distributed.rank_zero_writes
+def write_summary(out: Path, summary: dict) -> None:
+    from thor_min.report import write_report
+
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_report(out, summary)
+
+
+@distributed.rank_zero_writes
+def write_lines(path: Path, rows: list[dict]) -> None:
+    with path.open("w") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 def run_stages(run: Run, stage: str) -> None:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from thor_min import distributed
 from thor_min.checkpoint import load_latest, save_checkpoint
 from thor_min.data import Problem
 from thor_min.grader import extract_boxed, grade_batch
@@ -223,17 +224,19 @@ def attach_old_logprobs(model, samples: list[TrainSample], config: RLConfig, pad
     Returns (summed entropy, scored tokens) for the entropy metric."""
     model.eval()
     lengths = [len(s.ids) for s in samples]
-    entropy_sum, tokens = 0.0, 0
+    entropy_sum, tokens, scored = 0.0, 0, []
     indices = list(range(len(samples))) if indices is None else indices
-    for group in micro_batches(lengths, indices, config.micro_batch_tokens):
+    for group in micro_batches(lengths, distributed.shard(indices), config.micro_batch_tokens):
         _, (logp, entropy) = _score(model, samples, group, pad_id, entropy=True)
         offset = 0
         for i in group:
             count = sum(samples[i].loss_mask)
-            samples[i].old_logprobs = logp[offset:offset + count].tolist()
+            scored.append((i, logp[offset:offset + count].tolist()))
             offset += count
         entropy_sum, tokens = entropy_sum + float(entropy.sum()), tokens + len(entropy)
-    return entropy_sum, tokens
+    for i, old_logprobs in distributed.gather(scored):   # every rank scored its share; all ranks get all
+        samples[i].old_logprobs = old_logprobs
+    return entropy_sum, tokens                           # this rank's sums (train_on_samples adds the ranks')
 
 
 def train_on_samples(model, optimizer, samples: list[TrainSample], config: RLConfig, pad_id: int, seed: int) -> dict:
@@ -254,7 +257,7 @@ def train_on_samples(model, optimizer, samples: list[TrainSample], config: RLCon
     for index, part in enumerate(parts):
         num_tokens = sum(sum(samples[i].loss_mask) for i in part)
         loss_value = 0.0
-        for group in micro_batches(lengths, part, config.micro_batch_tokens):
+        for group in micro_batches(lengths, distributed.shard(part), config.micro_batch_tokens):
             if index == 0:
                 batch, (logp, entropy) = _score(model, samples, group, pad_id, entropy=True)
                 old = logp.detach()
@@ -272,14 +275,27 @@ def train_on_samples(model, optimizer, samples: list[TrainSample], config: RLCon
             loss_value += float(loss.detach())
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + value * metrics.get("num_tokens", 1.0)
-        stepped, _ = guarded_step(optimizer, loss_value, config.max_grad_norm)
+        # each rank scored its share of `part` over the part's global token count: sums = the 1-process step
+        distributed.sum_gradients(model.parameters())
+        stepped, _ = guarded_step(optimizer, distributed.all_sum([loss_value])[0], config.max_grad_norm)
         skipped += not stepped
     model.eval()
+    totals = _summed(distributed.gather([totals]))
     weight = sum(sum(s.loss_mask) for s in samples) or 1
     summary = {key: value / weight for key, value in totals.items() if key != "num_tokens"}
     summary["skipped_updates"] = skipped
+    entropy_sum, entropy_tokens = distributed.all_sum([entropy_sum, entropy_tokens])
     summary["entropy"] = entropy_sum / max(entropy_tokens, 1)
     return summary
+
+
+def _summed(parts: list[dict]) -> dict:
+    """Key-wise sum of the ranks' metric totals (one dict per rank; a rank may have none of some keys)."""
+    total = dict(parts[0])
+    for part in parts[1:]:
+        for key, value in part.items():
+            total[key] = total.get(key, 0.0) + value
+    return total
 
 
 # ----------------------------------------------------------------------------------------------

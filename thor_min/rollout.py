@@ -123,14 +123,15 @@ class RolloutEngine:
 
     @torch.inference_mode()
     def generate(self, requests: list[RolloutRequest], config: SamplingConfig, *, seed: int = 0,
-                 progress=None) -> list[Rollout]:
-        """Rollouts for every request, `samples` each, in request order. `progress(n)` is called per batch."""
+                 progress=None, first_request: int = 0) -> list[Rollout]:
+        """Rollouts for every request, `samples` each, in request order. `progress(n)` is called per batch.
+        `first_request` is the global index of `requests[0]` (a rank's share: row seeds use global indices)."""
         if config.parses_fences and self.sandbox is None:
             raise ValueError("tool calls need a sandbox: pass sandbox=Sandbox(...) or max_tool_calls=0")
         results: list[Rollout] = []
         with concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="cells") as cell_runner:
             for batch in _batches(requests, config.batch_size):
-                rows = self._prefill([requests[i] for i in batch], batch[0], config, seed)
+                rows = self._prefill([requests[i] for i in batch], first_request + batch[0], config, seed)
                 results.extend(self._generate_batch(*rows, config, cell_runner))
                 if progress is not None:
                     progress(sum(requests[i].samples for i in batch))

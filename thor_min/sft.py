@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from thor_min import tasks
+from thor_min import distributed, tasks
 from thor_min.checkpoint import load_latest, save_checkpoint
 from thor_min.models import build_prompt, encode_prompt
 from thor_min.optim import build_optimizer, guarded_step, scheduled_lr, set_lr
@@ -126,14 +126,17 @@ def evaluate_loss(model, examples: list[TokenizedExample], pad_id: int, max_toke
 
 def backward_batch(model, examples: list[TokenizedExample], indices: list[int], lengths: list[int], pad_id: int,
                    micro_batch_tokens: int) -> float:
-    """Accumulate the gradient of one batch's token-mean NLL over its micro-batches; return that loss."""
+    """Accumulate the gradient of one batch's token-mean NLL over its micro-batches; return that loss.
+    With several ranks each scores its share of `indices`, divided by the whole batch's target count, and the
+    gradients and loss are summed over ranks: the same update as one process scoring the whole batch."""
     num_targets = sum(sum(examples[i].loss_mask[1:]) for i in indices)
     loss_value = 0.0
-    for group in micro_batches(lengths, indices, micro_batch_tokens):
+    for group in micro_batches(lengths, distributed.shard(indices), micro_batch_tokens):
         nll, _ = batch_nll(model, examples, group, pad_id, model.device)
         (nll / num_targets).backward()
         loss_value += float(nll.detach()) / num_targets
-    return loss_value
+    distributed.sum_gradients(model.parameters())
+    return distributed.all_sum([loss_value])[0]
 
 
 def train_sft(model, tokenizer, train: list[TokenizedExample], held_out: list[TokenizedExample], config: SFTConfig,

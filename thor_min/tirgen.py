@@ -32,7 +32,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from thor_min import tasks
+from thor_min import distributed, tasks
 from thor_min.data import Problem
 from thor_min.grader import extract_boxed, grade_batch
 from thor_min.models import build_prompt
@@ -323,12 +323,32 @@ def _load_raw(raw_path: Path, attempts: int) -> list[Attempt]:
             break
     counts = Counter(a.problem_id for a in raw)
     complete = [a for a in raw if counts[a.problem_id] >= attempts]
-    clean = "".join(json.dumps(asdict(a)) + "\n" for a in complete)
+    _write_clean(raw_path, text, "".join(json.dumps(asdict(a)) + "\n" for a in complete))
+    return complete
+
+
+@distributed.rank_zero_writes
+def _write_clean(raw_path: Path, text: str, clean: str) -> None:
+    """Atomically replace the raw file by its complete rounds (other ranks read the old or the new file)."""
     if clean != text:
         temp = raw_path.with_suffix(".tmp")
         temp.write_text(clean)
         temp.replace(raw_path)
-    return complete
+
+
+@distributed.rank_zero_writes
+def _append_attempts(raw_path: Path, attempts: list[Attempt]) -> None:
+    with raw_path.open("a") as handle:
+        for attempt in attempts:
+            handle.write(json.dumps(asdict(attempt)) + "\n")
+
+
+@distributed.rank_zero_writes
+def _write_outputs(out_dir: Path, records: list[dict], stats: dict) -> None:
+    with (out_dir / "tirgen.jsonl").open("w") as handle:
+        for record in records:
+            handle.write(json.dumps(record) + "\n")
+    (out_dir / "tirgen_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
 
 
 def run_tirgen(out_dir: str | Path, engine, critic, problems: list[Problem], config: TIRGenConfig, template: str,
@@ -345,15 +365,10 @@ def run_tirgen(out_dir: str | Path, engine, critic, problems: list[Problem], con
     for start in tqdm(rounds, desc="tirgen", unit="round", dynamic_ncols=True):
         batch = remaining[start:start + problems_per_round]
         attempts = generate_attempts(engine, critic, batch, config, template)
-        with raw_path.open("a") as handle:
-            for attempt in attempts:
-                handle.write(json.dumps(asdict(attempt)) + "\n")
+        _append_attempts(raw_path, attempts)
         raw += attempts
     wanted = {p.id: p for p in problems}
     records, stats = filter_attempts([a for a in raw if a.problem_id in wanted], wanted, config, cot_solved,
                                      source=getattr(critic, "name", "critic"))
-    with (out_dir / "tirgen.jsonl").open("w") as handle:
-        for record in records:
-            handle.write(json.dumps(record) + "\n")
-    (out_dir / "tirgen_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    _write_outputs(out_dir, records, stats)
     return stats
