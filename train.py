@@ -30,6 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                      "TIRGen problems (cot-sft) and RL without tools (cot-rl)")
     run.add_argument("--seed", type=int, default=0, help="seed for data order, sampling and init (default: 0)")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
+    run.add_argument("--random-init", action="store_true", help="base model and LLM critic with random weights in "
+                     "their real architecture (thor_min/configs), real tokenizer, no download: a rehearsal")
     data = parser.add_argument_group("data")
     data.add_argument("--train-data", help="TIRGen/RL problems: a .jsonl file, hf:OWNER/NAME[:SPLIT], or tiny")
     data.add_argument("--benchmarks", nargs="+", help="evaluation sets (default: the preset's)")
@@ -96,7 +98,8 @@ def build_run(args):
                       rl_minibatches=args.rl_minibatches, rl_variants=variants, eval_samples=args.eval_samples,
                       self_correct=args.self_correct)
     out = args.out or Path("runs") / args.model.strip("/").replace("/", "--")
-    return Run(preset=preset, out=out, seed=args.seed, device=args.device, resume=args.resume, ablation=args.ablation)
+    return Run(preset=preset, out=out, seed=args.seed, device=args.device, resume=args.resume, ablation=args.ablation,
+               random_init=args.random_init)
 
 
 def check_out_dir(args, out: Path) -> None:

@@ -57,6 +57,7 @@ class Run:
     device: str = "auto"
     resume: bool = False
     ablation: bool = False
+    random_init: bool = False         # base model and LLM critic: real architecture, random weights (rehearsal)
     log: MetricsLog = field(init=False)
 
     def __post_init__(self):
@@ -105,7 +106,8 @@ def load_policy(run: Run, name: str, trainable: bool):
     """Load a stage's model; for training, wrap LoRA adapters and enable checkpointing per the preset."""
     preset = run.preset
     model, tokenizer = load_model(name, device=run.device, load_in_4bit=preset.load_in_4bit and trainable,
-                                  gradient_checkpointing=preset.gradient_checkpointing and trainable)
+                                  gradient_checkpointing=preset.gradient_checkpointing and trainable,
+                                  random_init=run.random_init and name == preset.model)
     if trainable and preset.lora_rank > 0:
         from thor_min.lora import apply_lora
 
@@ -216,7 +218,7 @@ def stage_tirgen(run: Run) -> None:
     with make_sandbox(run) as sandbox:
         engine = RolloutEngine(model, tokenizer, sandbox)
         critic = RuleCritic(sandbox) if preset.critic == "rule" else LLMCritic(
-            RolloutEngine(*load_model(preset.critic, device=run.device), sandbox),
+            RolloutEngine(*load_model(preset.critic, device=run.device, random_init=run.random_init), sandbox),
             max_new_tokens=2 * preset.tirgen_step_tokens)
         cot_solved = solved_by_cot(engine, problems, template, preset.rl_max_new_tokens, preset.rollout_batch)
         stats = run_tirgen(run.out, engine, critic, problems, config, template, cot_solved)
