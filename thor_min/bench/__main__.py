@@ -3,7 +3,7 @@
 import importlib
 import sys
 
-BENCHES = ("logprobs", "rollout", "sandbox")
+BENCHES = ("logprobs", "rehearsal", "rollout", "sandbox")
 
 
 def main(argv: list[str]) -> int:
