@@ -243,10 +243,13 @@ def projection(config, preset, stages: dict, dtype_bytes: int, lora_numel: int) 
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * dtype_bytes
     sft = stages["sft"]
-    activation_per_token = max(sft["peak_bytes"] - sft["start_bytes"], 0) / sft["facts"]["micro_batch_tokens_used"]
+    training_state = lora_numel * 4 * 4      # fp32 LoRA weights + grads + Adam m and v
+    # the SFT peak above its start, less what its first step allocates for LoRA (grads, Adam m and v: 12 B each);
+    # fixed temporaries (a logits chunk) are included, so a short micro-batch overstates the per-token figure
+    above = sft["peak_bytes"] - sft["start_bytes"] - lora_numel * 12
+    activation_per_token = max(above, 0) / sft["facts"]["micro_batch_tokens_used"]
     rollout_tokens = preset.rollout_batch * (512 + preset.rl_max_new_tokens)      # 512: a generous prompt
     static = stages["load"]["peak_bytes"]
-    training_state = lora_numel * 4 * 4      # fp32 LoRA weights + grads + Adam m and v
     return {"kv_bytes_per_token": kv_per_token, "rollout_kv_bytes": kv_per_token * rollout_tokens,
             "rollout_rows": preset.rollout_batch, "rollout_tokens_per_row": 512 + preset.rl_max_new_tokens,
             "activation_bytes_per_token_measured": activation_per_token,
@@ -254,7 +257,7 @@ def projection(config, preset, stages: dict, dtype_bytes: int, lora_numel: int) 
             "training_activation_bytes": activation_per_token * preset.micro_batch_tokens,
             "static_bytes_measured": static, "lora_training_state_bytes": training_state,
             "projected_peak_rollout": static + kv_per_token * rollout_tokens,
-            "projected_peak_training": static + training_state + activation_per_token * preset.micro_batch_tokens}
+            "projected_peak_training": static + lora_numel * 12 + activation_per_token * preset.micro_batch_tokens}
 
 
 def print_report(report: dict) -> None:
