@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     runtime.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     runtime.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     runtime.add_argument("--load-in-4bit", action="store_true", help="quantise the weights to NF4 (bitsandbytes)")
+    runtime.add_argument("--random-init", action="store_true", help="random weights in the model's real "
+                         "architecture (alias or config.json file), real tokenizer, no download: a rehearsal")
     runtime.add_argument("--out", metavar="FILE", help="write every sample as one JSON object per line")
     runtime.add_argument("--summary", metavar="FILE", help="benchmark mode: write the summary as JSON")
     return parser
@@ -212,7 +214,8 @@ def run(args) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ModelLoadError(f"--device {args.device}: no CUDA device is available here (use --device cpu)")
     silence_library_logs()
-    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype, load_in_4bit=args.load_in_4bit)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype, load_in_4bit=args.load_in_4bit,
+                                  random_init=args.random_init)
     template = detect_template(args.model, tokenizer) if args.template == "auto" else args.template
     config, tools = eval_config(args), args.max_tool_calls > 0
     sandbox = Sandbox(workers=args.workers, timeout=args.timeout) if tools else None

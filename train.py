@@ -40,6 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--report-to", nargs="+", default=["none"], metavar="TRACKER",
                      help="also send metrics to none, or any of tensorboard, wandb, trackio (metrics.jsonl is always "
                           "written; each tracker is an extra: pip install -e \".[tensorboard]\")")
+    run.add_argument("--random-init", action="store_true", help="base model and LLM critic with random weights in "
+                     "their real architecture (thor_min/configs), real tokenizer, no download: a rehearsal")
     data = parser.add_argument_group("data")
     data.add_argument("--train-data", help="TIRGen/RL problems: a .jsonl file, hf:OWNER/NAME[:SPLIT], or tiny")
     data.add_argument("--benchmarks", nargs="+", help="evaluation sets (default: the preset's)")
@@ -112,7 +114,7 @@ def build_run(args):
                       self_correct=args.self_correct)
     out = args.out or Path("runs") / args.model.strip("/").replace("/", "--")
     return Run(preset=preset, out=out, seed=args.seed, device=args.device, resume=args.resume, ablation=args.ablation,
-               report_to=tuple(args.report_to))
+               report_to=tuple(args.report_to), random_init=args.random_init)
 
 
 def check_out_dir(args, out: Path) -> None:

@@ -7,6 +7,11 @@ exactly this path too. Device and dtype default sensibly: bf16 on a GPU that sup
 CPU. Options for 4-bit (bitsandbytes NF4) and gradient checkpointing plug in here; LoRA is applied
 afterwards by `thor_min.lora`.
 
+Random init (`random_init=True`, `--random-init` on train.py and generate.py): a model of exactly an alias's
+architecture, from the published `config.json` shipped in `thor_min/configs/` (or any config.json path), with
+random weights and the genuine tokenizer (`thor_min.offline.real_tokenizer`): no network, no weights. It
+rehearses the real-model path at real shapes (`python -m thor_min.bench rehearsal`); its text is noise.
+
 Failure is one clear line, never a traceback wall: a hub id that cannot be fetched (no network) fails
 fast, naming the fix (download it elsewhere and pass the local directory).
 
@@ -34,6 +39,7 @@ MODEL_ALIASES = {
 }
 TEMPLATES = ("tiny", "qwen-math", "qwen3", "none")
 METADATA_FILE = "thor_min.json"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"   # published config.json of every alias
 
 TOOL_INSTRUCTIONS = (
     "You may run Python: write code in a ```python block that prints what you need. Each block runs "
@@ -117,16 +123,39 @@ def load_tokenizer(name: str):
     return tokenizer
 
 
+def config_path(name: str) -> Path:
+    """The shipped config.json of an alias, or `name` itself if it is a config.json file."""
+    if name in MODEL_ALIASES:
+        return CONFIG_DIR / f"{name}.json"
+    if Path(name).expanduser().is_file():
+        return Path(name).expanduser()
+    raise ModelLoadError(f"--random-init needs an alias ({', '.join(MODEL_ALIASES)}) or a config.json file, "
+                         f"got {name!r}")
+
+
+def random_init_model(name: str, dtype: torch.dtype):
+    """(model, tokenizer): `name`'s architecture with random weights (seeded by torch's RNG), real tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from thor_min.offline import real_tokenizer
+
+    config = AutoConfig.from_pretrained(str(config_path(name)))
+    config._name_or_path = f"random-init:{resolve_model_name(name)}"
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    return model, real_tokenizer("qwen3" if config.model_type == "qwen3" else "qwen2.5")
+
+
 def load_model(name: str, *, device: str = "auto", dtype: str = "auto", load_in_4bit: bool = False,
-               gradient_checkpointing: bool = False):
-    """Load (model, tokenizer) for `name` (alias, hub id or directory) on `device` in eval mode."""
+               gradient_checkpointing: bool = False, random_init: bool = False):
+    """Load (model, tokenizer) for `name` (alias, hub id or directory) on `device` in eval mode.
+
+    `random_init`: build `name`'s architecture (alias or config.json file) with random weights instead."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(torch_device, dtype)
-    location, local_only = _locate(name)
     if load_in_4bit:
         from thor_min.lora import bnb_4bit_available
 
@@ -135,11 +164,16 @@ def load_model(name: str, *, device: str = "auto", dtype: str = "auto", load_in_
             raise ModelLoadError(f"--load-in-4bit needs a working bitsandbytes ({reason}); "
                                  f"pip install 'thor-min[4bit]' or drop the flag")
         torch_dtype = torch.float32 if torch_dtype == torch.float32 else torch.bfloat16   # the compute dtype
-    try:
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, local_files_only=local_only,
-                                                     attn_implementation="sdpa")
-    except (OSError, ValueError) as error:
-        raise ModelLoadError(f"cannot load model {name!r}: {str(error).splitlines()[0]}") from None
+    if random_init:
+        model, tokenizer = random_init_model(name, torch_dtype)
+    else:
+        location, local_only = _locate(name)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, local_files_only=local_only,
+                                                         attn_implementation="sdpa")
+        except (OSError, ValueError) as error:
+            raise ModelLoadError(f"cannot load model {name!r}: {str(error).splitlines()[0]}") from None
+        tokenizer = load_tokenizer(name)
     if load_in_4bit:   # NF4 + double quant, quantised as each linear moves to the device (QLoRA base)
         from thor_min.lora import bnb_4bit_config, quantize_4bit
 
@@ -150,7 +184,7 @@ def load_model(name: str, *, device: str = "auto", dtype: str = "auto", load_in_
 
         enable_gradient_checkpointing(model)
     model.eval()
-    return model, load_tokenizer(name)
+    return model, tokenizer
 
 
 def save_model_dir(model, tokenizer, out_dir: str | Path, template: str) -> Path:

@@ -63,6 +63,7 @@ class Run:
     resume: bool = False
     ablation: bool = False
     report_to: tuple[str, ...] = ()   # experiment trackers besides metrics.jsonl (thor_min.trackers)
+    random_init: bool = False         # base model and LLM critic: real architecture, random weights (rehearsal)
     log: MetricsLog = field(init=False)
 
     def __post_init__(self):
@@ -122,9 +123,10 @@ def load_policy(run: Run, name: str, trainable: bool):
 
     preset = run.preset
     adapter = read_metadata(name).get("adapter") if trainable and preset.load_in_4bit else None
-    model, tokenizer = load_model(read_metadata(name)["base"] if adapter else name, device=run.device,
-                                  load_in_4bit=preset.load_in_4bit and trainable,
-                                  gradient_checkpointing=preset.gradient_checkpointing and trainable)
+    location = read_metadata(name)["base"] if adapter else name
+    model, tokenizer = load_model(location, device=run.device, load_in_4bit=preset.load_in_4bit and trainable,
+                                  gradient_checkpointing=preset.gradient_checkpointing and trainable,
+                                  random_init=run.random_init and location == preset.model)
     if adapter:
         apply_lora(model, adapter["rank"], adapter["alpha"])
         load_lora(model, Path(name) / adapter["file"])
@@ -246,7 +248,8 @@ def stage_tirgen(run: Run) -> None:
     with make_sandbox(run) as sandbox:
         engine = distributed.ShardedEngine(RolloutEngine(model, tokenizer, sandbox))
         critic = RuleCritic(sandbox) if preset.critic == "rule" else LLMCritic(
-            distributed.ShardedEngine(RolloutEngine(*load_model(preset.critic, device=run.device), sandbox)),
+            distributed.ShardedEngine(RolloutEngine(*load_model(preset.critic, device=run.device,
+                                                                random_init=run.random_init), sandbox)),
             max_new_tokens=2 * preset.tirgen_step_tokens)
         cot_solved = solved_by_cot(engine, problems, template, preset.rl_max_new_tokens, preset.rollout_batch)
         stats = run_tirgen(run.out, engine, critic, problems, config, template, cot_solved)

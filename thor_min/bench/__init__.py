@@ -2,6 +2,7 @@
 
     python -m thor_min.bench logprobs   # fused chunked log-prob Function vs naive log_softmax
     python -m thor_min.bench rl-step    # one plain-CoT GRPO step: ours vs TRL's GRPOTrainer
+    python -m thor_min.bench rehearsal  # every stage of a preset once at real shapes, random weights: time, memory
     python -m thor_min.bench rollout    # our KV-cache engine vs model.generate / re-prefill loop
     python -m thor_min.bench sandbox    # fork-server sandbox vs a fresh python3 per cell
 

@@ -3,7 +3,7 @@
 import importlib
 import sys
 
-BENCHES = ("logprobs", "rl-step", "rollout", "sandbox")
+BENCHES = ("logprobs", "rehearsal", "rl-step", "rollout", "sandbox")
 
 
 def main(argv: list[str]) -> int:
