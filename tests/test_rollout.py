@@ -27,7 +27,8 @@ ANSWERS = {
     "B": "```python\nprint(1 / 0)\n```\n```output\nZeroDivisionError: division by zero\n```\nSo \\boxed{0}.",
     "C": "First multiply.\n```python\nprint(6 * 7)\n```\n```output\n42\n```\n"
          "Then add one.\n```python\nprint(42 + 1)\n```\n```output\n43\n```\nSo \\boxed{43}.",
-    "D": "No code is needed, so \\boxed{7}.",
+    # D is long enough to keep decoding for several steps while A's cell runs, with every tokenizer
+    "D": "No code is needed: the week has seven days, and one week is asked for, so \\boxed{7}.",
 }
 OUTPUTS = {"print(2 + 3)": "5", "print(6 * 7)": "42", "print(42 + 1)": "43"}
 GREEDY = dict(temperature=0.0, max_new_tokens=80)
@@ -376,9 +377,9 @@ def test_the_batch_size_moves_a_sample_only_across_a_cdf_boundary(tool_model, to
             continue
         x, y = a.completion_ids[first], b.completion_ids[first]
         assert abs(x - y) == 1, f"row {row} diverged at token {first}: {x} vs {y} is not a CDF-boundary move"
-        common = torch.tensor(a.logprobs[:first]) - torch.tensor(b.logprobs[:first])
-        assert common.abs().max().item() < 1e-4 if first else True, \
-            f"row {row}: log-probs of the shared prefix differ by more than float noise"
+        shared_a, shared_b = torch.tensor(a.logprobs[:first]), torch.tensor(b.logprobs[:first])
+        assert torch.allclose(shared_a, shared_b, rtol=1e-4, atol=1e-5), \
+            f"row {row}: log-probs of the shared prefix differ by more than float32 noise over the vocabulary"
 
 
 def test_greedy_decoding_does_not_depend_on_the_batch_size(tool_model, tokenizer):
