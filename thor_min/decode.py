@@ -54,6 +54,7 @@ def decode_step_for(model):
     config = model.config
     inner = getattr(model, "model", None)
     lean = (config.model_type in LEAN_MODEL_TYPES and getattr(config, "_attn_implementation", None) == "sdpa"
-            and model.device.type in ("cpu", "cuda") and inner is not None and hasattr(model, "lm_head")
+            and model.device.type in ("cpu", "cuda") and isinstance(getattr(inner, "layers", None), torch.nn.ModuleList)
+            and hasattr(model, "lm_head")   # a wrapper around a model (e.g. the rehearsal's scripted logits) has neither
             and all(getattr(layer.self_attn, "sliding_window", None) is None for layer in inner.layers))
     return lean_decode_step if lean else hf_decode_step
