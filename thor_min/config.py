@@ -22,13 +22,11 @@ class Preset:
     benchmarks: tuple[str, ...] = ("math500", "aime24", "amc23", "minerva", "olympiadbench")
     critic: str = "qwen3-32b"         # "rule" (tiny world) or an LLM critic alias / hub id / directory
     # pretraining (tiny world only)
-    pretrain_steps: int = 0           # length of the cosine learning-rate schedule
-    pretrain_max_steps: int = 0       # hard cap (training continues at the final LR until the format target)
+    pretrain_steps: int = 0           # fixed budget (cosine learning rate over it)
     pretrain_lr: float = 2e-3
     pretrain_batch: int = 8           # packed blocks per step
     pretrain_block_tokens: int = 256  # samples are packed into blocks of this many tokens
-    pretrain_format_target: float = 0.8   # stop once the base restates this share of held-out questions
-    pretrain_check_every: int = 250
+    pretrain_check_every: int = 250   # steps between held-out loss / restate-rate checks (logged, not a stop)
     # TIRGen
     tirgen_problems: int = 4000
     tirgen_attempts: int = 8
@@ -36,6 +34,7 @@ class Preset:
     tirgen_delimiter: str = "\n\n"
     tirgen_temperature: float = 1.0
     tirgen_code_filter: str = "library"
+    tirgen_actor_sees_cells: bool = True   # False: the actor reads its text with cell/output blocks elided
     # cold-start SFT
     sft_lr: float = 2e-5
     sft_epochs: float = 3.0
@@ -75,19 +74,21 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     # The tiny world departs from THOR's numbers where the world is smaller, all measured on 2 CPU cores:
-    # - pretraining packs samples into 256-token blocks and stops at a format criterion (pipeline.stage_pretrain),
-    #   so copying numbers has emerged at every position a tool-integrated answer reaches;
+    # - pretraining packs samples into 256-token blocks, a fixed 1,000 steps (pipeline.stage_pretrain), so copying
+    #   numbers has emerged at every position a tool-integrated answer reaches;
     # - TIRGen's critic is rule-based; the actor chunk is one line (each line is one computation), and the
     #   code filter is "none": every tiny-world cell is a single expression like print(4821 * 37), which the
-    #   paper's "library call or control flow" rule would drop, taking products and sums out of the data;
-    # - SFT uses lr 1e-3 and 40 epochs because the data is a few hundred samples for a 1 M-parameter model;
+    #   paper's "library call or control flow" rule would drop, taking products and sums out of the data; the
+    #   actor reads its text with cell/output blocks elided (a base that never saw a code block otherwise jumps
+    #   to the answer after the first cell: measured, 0 two-cell samples of 12,000 attempts vs 60 of 900);
+    # - SFT uses lr 1e-3 and 20 epochs because the data is a few hundred samples for a 1 M-parameter model;
     # - RL: G = 8 x 8 prompts, lr 1e-4, L_suf 8 tokens (responses are ~50 tokens), 100 steps per variant.
     "tiny": Preset(
         model="tiny", template="tiny", train_data="tiny", benchmarks=("tiny", "tiny-heldout"), critic="rule",
-        pretrain_steps=1500, pretrain_max_steps=3000, pretrain_lr=2e-3, pretrain_batch=8, pretrain_block_tokens=256,
-        tirgen_problems=1500, tirgen_attempts=8, tirgen_step_tokens=48, tirgen_delimiter="\n",
-        tirgen_temperature=0.7, tirgen_code_filter="none",
-        sft_lr=1e-3, sft_epochs=40.0, sft_batch=32,
+        pretrain_steps=1000, pretrain_lr=2e-3, pretrain_batch=4, pretrain_check_every=200, pretrain_block_tokens=256,
+        tirgen_problems=800, tirgen_attempts=8, tirgen_step_tokens=48, tirgen_delimiter="\n",
+        tirgen_temperature=0.7, tirgen_code_filter="none", tirgen_actor_sees_cells=False,
+        sft_lr=1e-3, sft_epochs=20.0, sft_batch=32,
         rl_variants=("rl-traj", "rl"), rl_steps=100, rl_prompts=8, rl_group=8, rl_lr=1e-4, rl_minibatches=2,
         rl_max_new_tokens=160,
         rl_min_response_tokens=8, rl_step_suffix_tokens=8, rl_step_max_new_tokens=64, rl_eval_every=20,
