@@ -52,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--checkpoint-every", type=int, help="optimiser steps between checkpoints")
     pretrain = parser.add_argument_group("pretraining (tiny world)")
     pretrain.add_argument("--pretrain-steps", type=int, help="pretraining budget in steps (cosine learning rate)")
+    pretrain.add_argument("--pretrain-lr", type=float, help="peak pretraining learning rate")
+    pretrain.add_argument("--pretrain-batch", type=int, help="packed blocks per pretraining step")
     tirgen = parser.add_argument_group("TIRGen")
     tirgen.add_argument("--critic", help="rule, or an instruct model alias / hub id / directory")
     tirgen.add_argument("--tirgen-problems", type=int, help="problems to generate data for")
@@ -93,6 +95,7 @@ def build_run(args):
                       micro_batch_tokens=args.micro_batch_tokens, rollout_batch=args.rollout_batch,
                       rl_max_new_tokens=args.max_new_tokens, eval_max_new_tokens=args.max_new_tokens, critic=args.critic,
                       checkpoint_every=args.checkpoint_every, pretrain_steps=args.pretrain_steps,
+                      pretrain_lr=args.pretrain_lr, pretrain_batch=args.pretrain_batch,
                       tirgen_problems=args.tirgen_problems, tirgen_attempts=args.tirgen_attempts,
                       tirgen_code_filter=args.tirgen_code_filter, sft_lr=args.sft_lr, sft_epochs=args.sft_epochs,
                       sft_train_on_outputs=args.sft_train_on_outputs, rl_steps=args.rl_steps,
