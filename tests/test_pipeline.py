@@ -61,11 +61,12 @@ def test_an_unloadable_model_is_one_clear_line(tmp_path):
 
 def test_flags_override_the_preset():
     run = train_cli.build_run(train_cli.parse_args(["--model", "qwen-1.5b", "--rollout-batch", "16",
-                                                    "--max-new-tokens", "1024", "--group-size", "4"]))
+                                                    "--max-new-tokens", "1024", "--group-size", "4", "--threads", "3"]))
     preset = run.preset
     assert (preset.rollout_batch, preset.rl_max_new_tokens, preset.eval_max_new_tokens) == (16, 1024, 1024), \
         "--rollout-batch / --max-new-tokens must size both RL and evaluation rollouts"
     assert preset.rl_group == 4, "--group-size must reach the preset"
+    assert preset.cpu_threads == 3, "--threads must reach the preset"
 
 
 def test_unset_flags_keep_the_preset_defaults():

@@ -129,10 +129,19 @@ def test_old_and_new_logprobs_agree_before_the_first_update(tiny_model):
                TrainSample([5, 6], [10, 11], [1, 0], -1.0, "step")]
     attach_old_logprobs(model, samples, RLConfig(), tokenizer.pad_token_id)
     assert [len(s.old_logprobs) for s in samples] == [3, 1], "one old log-prob per trained token"
+
+
+@pytest.mark.parametrize("minibatches", [1, 2, 3])
+def test_every_minibatch_starts_on_policy_when_the_weights_do_not_move(tiny_model, minibatches):
+    model, tokenizer = tiny_model
+    samples = [TrainSample([5, 6], [7 + k, 8, 9 + k][:2 + k % 2], [1] * (2 + k % 2), (-1.0) ** k, "trajectory")
+               for k in range(6)]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    metrics = train_on_samples(model, optimizer, samples, RLConfig(minibatches=1), tokenizer.pad_token_id, seed=0)
+    metrics = train_on_samples(model, optimizer, samples, RLConfig(minibatches=minibatches), tokenizer.pad_token_id,
+                               seed=0)
     assert abs(metrics["ratio_mean"] - 1.0) < 1e-5, "same code path: the on-policy ratio must be exactly 1"
     assert metrics["approx_kl_old"] < 1e-6, "no divergence from the old policy before any update"
+    assert metrics["entropy"] > 0, "the entropy metric covers the trained tokens"
 
 
 def test_problem_stream_cycles_deterministically():

@@ -1,6 +1,7 @@
 """Scoring token sequences: padded batches, masked log-probs (vs a naive full-logits reference), scatter,
 and micro-batching."""
 
+import itertools
 import random
 
 import pytest
@@ -167,3 +168,28 @@ def test_micro_batches_oversize_sequence_gets_its_own_group():
 
 def test_micro_batches_of_nothing_is_empty():
     assert micro_batches([3, 4], [], max_tokens=10) == [], "no indices -> no groups"
+
+
+def test_micro_batches_do_not_pad_short_rows_to_a_long_width_when_a_forward_is_cheaper():
+    lengths = [10] * 8 + [200] * 2
+    groups = micro_batches(lengths, list(range(10)), max_tokens=10_000, call_tokens=100)
+    assert sorted(map(sorted, groups)) == [list(range(8)), [8, 9]], \
+        f"8 x 10 tokens padded to 200 wastes 1,520 tokens > one extra forward (100): {groups}"
+
+
+def test_micro_batches_minimise_padding_plus_forwards():
+    rng = random.Random(2)
+    lengths = [rng.randint(1, 40) for _ in range(7)]
+    cost = lambda groups: sum(max(lengths[i] for i in g) * len(g) + 30 for g in groups)
+    best = float("inf")
+    for cuts in itertools.product([0, 1], repeat=6):   # every split of the sorted rows into contiguous groups
+        order, groups, current = sorted(range(7), key=lambda i: lengths[i]), [], []
+        for position, i in enumerate(order):
+            current.append(i)
+            if position == 6 or cuts[position]:
+                groups.append(current)
+                current = []
+        if all(max(lengths[i] for i in g) * len(g) <= 60 or len(g) == 1 for g in groups):
+            best = min(best, cost(groups))
+    got = micro_batches(lengths, list(range(7)), max_tokens=60, call_tokens=30)
+    assert cost(got) == best, f"cost {cost(got)} > the best split's {best}"

@@ -70,6 +70,8 @@ class Preset:
     rollout_batch: int = 256
     cell_timeout: float = 10.0
     sandbox_workers: int = 8
+    cpu_threads: int = 0              # torch threads on a CPU in TIRGen, RL and eval (0 = one per core); pretrain
+                                      # and SFT always use every core
 
 
 PRESETS: dict[str, Preset] = {
@@ -82,7 +84,11 @@ PRESETS: dict[str, Preset] = {
     #   actor reads its text with cell/output blocks elided (a base that never saw a code block otherwise jumps
     #   to the answer after the first cell: measured, 0 two-cell samples of 12,000 attempts vs 60 of 900);
     # - SFT uses lr 1e-3 and 20 epochs because the data is a few hundred samples for a 1 M-parameter model;
-    # - RL: G = 8 x 8 prompts, lr 1e-4, L_suf 8 tokens (responses are ~50 tokens), 100 steps per variant.
+    # - RL: G = 8 x 8 prompts, lr 1e-4, L_suf 8 tokens (responses are ~50 tokens), 100 steps per variant;
+    # - one torch thread in the sampling stages (TIRGen, RL, eval): a 64-row decode step of a 1 M-parameter model
+    #   is too small to split, and the other core runs the sandbox and the grader; train.py also makes idle
+    #   OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE): spinning threads made every stage 1.5-4x slower on a
+    #   loaded 2-core machine (measured).
     "tiny": Preset(
         model="tiny", template="tiny", train_data="tiny", benchmarks=("tiny", "tiny-heldout"), critic="rule",
         pretrain_steps=1000, pretrain_lr=2e-3, pretrain_batch=4, pretrain_check_every=200, pretrain_block_tokens=256,
@@ -95,7 +101,7 @@ PRESETS: dict[str, Preset] = {
         eval_samples=4, eval_temperature=0.6, eval_max_new_tokens=160, eval_problems=None,
         self_correct=4, backtrack_tokens=8,
         lora_rank=0, gradient_checkpointing=False, micro_batch_tokens=8192, rollout_batch=256,
-        cell_timeout=5.0, sandbox_workers=2,
+        cell_timeout=5.0, sandbox_workers=2, cpu_threads=1,
     ),
     # Qwen presets sized for one 24 GB GPU by the derived budget in the README (KV cache = rollout_batch rows x
     # (prompt + max_new_tokens) x 28 KiB/token for Qwen2.5-1.5B; a GRPO group is never split across batches).

@@ -41,6 +41,7 @@ from thor_min.sft import (SFTConfig, TokenizedExample, format_monitor, full_text
 from thor_min.tirgen import LLMCritic, RuleCritic, TIRGenConfig, run_tirgen
 
 STAGES = ("pretrain", "tirgen", "sft", "rl", "eval")
+ALL_CORES = torch.get_num_threads()          # torch's default, before any stage changes it
 RL_VARIANTS = {  # directory -> (starts from, tools, step level)
     "rl-traj": ("sft", True, False),
     "rl": ("sft", True, True),
@@ -426,4 +427,6 @@ def run_stages(run: Run, stage: str) -> None:
     """Run one stage or, for "all", every stage in order."""
     order = {"pretrain": stage_pretrain, "tirgen": stage_tirgen, "sft": stage_sft, "rl": stage_rl, "eval": stage_eval}
     for name in (STAGES if stage == "all" else (stage,)):
+        if run.preset.cpu_threads > 0:      # CPU only: batched training gets every core, sampling stages fewer
+            torch.set_num_threads(ALL_CORES if name in ("pretrain", "sft") else run.preset.cpu_threads)
         order[name](run)

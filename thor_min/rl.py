@@ -11,9 +11,9 @@ One RL step:
    continued G times; each continuation stops right after its first code block closes; reward = that
    block passes. Only the regenerated tokens are trained; no observation is appended.
 3. **One mixed batch, one loss** (`thor_min.losses.policy_loss`: token-mean, clip-higher, dual clip, NLL on
-   positive-advantage samples, no KL by default). "Off-policy GRPO": old log-probs are computed once, through
-   the same scoring code path as the new ones, then the batch is split into `minibatches` sequential
-   optimiser steps against those fixed old log-probs.
+   positive-advantage samples, no KL by default). "Off-policy GRPO": the batch is split into `minibatches`
+   sequential optimiser steps against fixed old log-probs, computed through the same scoring code path as
+   the new ones (the first minibatch's in its own forward, the others' in one pass before any update).
 `tools=False` gives plain chain-of-thought GRPO (the paper's "RL without tools" ablation) and
 `step_level=False` the trajectory-only ablation.
 Limits: one model process (rollouts and training share the GPU); the prompt stream cycles through the
@@ -216,12 +216,16 @@ def _score(model, samples: list[TrainSample], indices: list[int], pad_id: int, e
 
 
 @torch.no_grad()
-def attach_old_logprobs(model, samples: list[TrainSample], config: RLConfig, pad_id: int) -> float:
-    """Score every sample once before any update (the fixed "old" policy); returns the mean entropy."""
+def attach_old_logprobs(model, samples: list[TrainSample], config: RLConfig, pad_id: int,
+                        indices: list[int] | None = None) -> tuple[float, int]:
+    """Score `indices` (default: every sample) before any update (the fixed "old" policy).
+
+    Returns (summed entropy, scored tokens) for the entropy metric."""
     model.eval()
     lengths = [len(s.ids) for s in samples]
     entropy_sum, tokens = 0.0, 0
-    for group in micro_batches(lengths, list(range(len(samples))), config.micro_batch_tokens):
+    indices = list(range(len(samples))) if indices is None else indices
+    for group in micro_batches(lengths, indices, config.micro_batch_tokens):
         _, (logp, entropy) = _score(model, samples, group, pad_id, entropy=True)
         offset = 0
         for i in group:
@@ -229,24 +233,35 @@ def attach_old_logprobs(model, samples: list[TrainSample], config: RLConfig, pad
             samples[i].old_logprobs = logp[offset:offset + count].tolist()
             offset += count
         entropy_sum, tokens = entropy_sum + float(entropy.sum()), tokens + len(entropy)
-    return entropy_sum / max(tokens, 1)
+    return entropy_sum, tokens
 
 
 def train_on_samples(model, optimizer, samples: list[TrainSample], config: RLConfig, pad_id: int, seed: int) -> dict:
-    """`config.minibatches` sequential optimiser steps over a shuffled split of `samples`."""
-    model.train()
+    """`config.minibatches` sequential optimiser steps over a shuffled split of `samples`.
+
+    The first minibatch is on-policy: its old log-probs are its own detached new ones, from the same forward.
+    Only the later minibatches are scored beforehand (`attach_old_logprobs`), which saves that share of a forward
+    pass over the batch per RL step.
+    """
     order = list(range(len(samples)))
     random.Random(seed).shuffle(order)
     parts = [order[i::config.minibatches] for i in range(config.minibatches) if order[i::config.minibatches]]
+    entropy_sum, entropy_tokens = attach_old_logprobs(model, samples, config, pad_id, [i for p in parts[1:] for i in p])
+    model.train()
     lengths = [len(s.ids) for s in samples]
     totals: dict[str, float] = {}
     skipped = 0
-    for part in parts:
+    for index, part in enumerate(parts):
         num_tokens = sum(sum(samples[i].loss_mask) for i in part)
         loss_value = 0.0
         for group in micro_batches(lengths, part, config.micro_batch_tokens):
-            batch, logp = _score(model, samples, group, pad_id)
-            old = torch.tensor([v for i in group for v in samples[i].old_logprobs], device=logp.device)
+            if index == 0:
+                batch, (logp, entropy) = _score(model, samples, group, pad_id, entropy=True)
+                old = logp.detach()
+                entropy_sum, entropy_tokens = entropy_sum + float(entropy.sum()), entropy_tokens + len(entropy)
+            else:
+                batch, logp = _score(model, samples, group, pad_id)
+                old = torch.tensor([v for i in group for v in samples[i].old_logprobs], device=logp.device)
             advantages = torch.tensor([samples[i].advantage for i in group], device=logp.device)
             loss, metrics = policy_loss(
                 scatter_targets(logp, batch), scatter_targets(old, batch), advantages, batch.target_mask,
@@ -263,6 +278,7 @@ def train_on_samples(model, optimizer, samples: list[TrainSample], config: RLCon
     weight = sum(sum(s.loss_mask) for s in samples) or 1
     summary = {key: value / weight for key, value in totals.items() if key != "num_tokens"}
     summary["skipped_updates"] = skipped
+    summary["entropy"] = entropy_sum / max(entropy_tokens, 1)
     return summary
 
 
@@ -288,7 +304,6 @@ def rl_step(model, engine, optimizer, stream: ProblemStream, prompt_ids, config:
                    step_samples=sum(s.kind == "step" for s in samples))
     if samples:
         started = time.time()
-        metrics["entropy"] = attach_old_logprobs(model, samples, config, pad_id)
         metrics.update(train_on_samples(model, optimizer, samples, config, pad_id, seed=config.seed + step))
         metrics["seconds_train"] = time.time() - started
     return metrics

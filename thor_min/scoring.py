@@ -17,6 +17,10 @@ import torch
 
 from thor_min.logprobs import token_logprobs
 
+# What one more forward/backward call costs, in padded tokens of work: ~20 ms of fixed cost per call for the
+# tiny model on a CPU core, which processes ~5,000 tokens/s forward + backward (measured).
+CALL_COST_TOKENS = 100
+
 
 @dataclass
 class TokenBatch:
@@ -67,14 +71,28 @@ def scatter_targets(values: torch.Tensor, batch: TokenBatch, fill: float = 0.0) 
     return out.masked_scatter(batch.target_mask, values)
 
 
-def micro_batches(lengths: list[int], indices: list[int], max_tokens: int) -> list[list[int]]:
-    """Split `indices` (sorted by length here) into groups whose padded size stays within `max_tokens`."""
-    groups, current, width = [], [], 0
-    for i in sorted(indices, key=lambda i: lengths[i]):
-        new_width = max(width, lengths[i])
-        if current and new_width * (len(current) + 1) > max_tokens:
-            groups.append(current)
-            current, new_width = [], lengths[i]
-        current.append(i)
-        width = new_width
-    return groups + ([current] if current else [])
+def micro_batches(lengths: list[int], indices: list[int], max_tokens: int,
+                  call_tokens: int = CALL_COST_TOKENS) -> list[list[int]]:
+    """Split `indices` into length-sorted groups that minimise padded tokens + `call_tokens` per group.
+
+    Each group's padded size (width x rows) stays within `max_tokens` (a longer sequence gets a group of its
+    own). An exact dynamic programme over the sorted lengths: a short row is never padded to a long one's width
+    unless that saves a forward pass, which, in RL where responses run from 10 to 160 tokens, halves the work.
+    """
+    order = sorted(indices, key=lambda i: lengths[i])
+    best = [0.0] + [float("inf")] * len(order)      # best[k]: cost of the first k rows
+    start_of = [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):
+        width = lengths[order[end - 1]]             # sorted: the last row is the widest of any group ending here
+        for start in range(end - 1, -1, -1):
+            rows = end - start
+            if rows > 1 and width * rows > max_tokens:
+                break
+            cost = best[start] + width * rows + call_tokens
+            if cost <= best[end]:
+                best[end], start_of[end] = cost, start
+    groups, end = [], len(order)
+    while end > 0:
+        groups.append(order[start_of[end]:end])
+        end = start_of[end]
+    return groups[::-1]
