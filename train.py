@@ -38,7 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--seed", type=int, default=0, help="seed for data order, sampling and init (default: 0)")
     run.add_argument("--seeds", type=int, nargs="+", help="run every flag given once per seed, each in OUT/seed-N, then "
                      "write the table across seeds (mean and range per row) to OUT/seeds.md and OUT/seeds.json")
-    run.add_argument("--jobs", type=int, default=1, help="with --seeds: how many seeds run at once (default: 1)")
+    run.add_argument("--jobs", type=int, default=1, help="with --seeds: how many seeds run at once, each logging to "
+                     "OUT/seed-N.log (default: 1)")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
     data = parser.add_argument_group("data")
     data.add_argument("--train-data", help="TIRGen/RL problems: a .jsonl file, hf:OWNER/NAME[:SPLIT], or tiny")
@@ -59,6 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     pretrain = parser.add_argument_group("pretraining (tiny world)")
     pretrain.add_argument("--pretrain-steps", type=int, help="pretraining budget in steps (cosine learning rate)")
     pretrain.add_argument("--pretrain-lr", type=float, help="peak pretraining learning rate")
+    pretrain.add_argument("--pretrain-seed", type=int, help="seed of the tiny base (default: the preset's; tiny: 2)")
     pretrain.add_argument("--pretrain-batch", type=int, help="packed blocks per pretraining step")
     tirgen = parser.add_argument_group("TIRGen")
     tirgen.add_argument("--critic", help="rule, or an instruct model alias / hub id / directory")
@@ -101,7 +103,7 @@ def build_run(args):
                       micro_batch_tokens=args.micro_batch_tokens, rollout_batch=args.rollout_batch,
                       cpu_threads=args.cpu_threads, rl_max_new_tokens=args.max_new_tokens, eval_max_new_tokens=args.max_new_tokens, critic=args.critic,
                       checkpoint_every=args.checkpoint_every, pretrain_steps=args.pretrain_steps,
-                      pretrain_lr=args.pretrain_lr, pretrain_batch=args.pretrain_batch,
+                      pretrain_lr=args.pretrain_lr, pretrain_batch=args.pretrain_batch, pretrain_seed=args.pretrain_seed,
                       tirgen_problems=args.tirgen_problems, tirgen_attempts=args.tirgen_attempts,
                       tirgen_code_filter=args.tirgen_code_filter, sft_lr=args.sft_lr, sft_epochs=args.sft_epochs,
                       sft_train_on_outputs=args.sft_train_on_outputs, rl_steps=args.rl_steps,
@@ -145,16 +147,15 @@ def seed_argv(argv: list[str], seed: int, out: Path) -> list[str]:
 
 
 def run_seeds(args, argv: list[str], out: Path) -> int:
-    """Each seed is a `train.py` process of its own (up to --jobs at once; torch threads split between them);
-    with --resume a seed whose summary.json exists is not run again. Then the table across seeds."""
+    """Each seed is a `train.py` process of its own, up to --jobs at once, each with the default threads (so a
+    seed's numbers equal those of a plain `python train.py --seed N`); with --resume a seed whose summary.json
+    exists is not run again. Then the table across seeds."""
     from thor_min.report import write_seeds_table
 
     if args.jobs < 1 or len(set(args.seeds)) != len(args.seeds):
         raise SystemExit("error: --jobs must be at least 1 and --seeds must not repeat a seed")
     out.mkdir(parents=True, exist_ok=True)
     todo = [s for s in args.seeds if not (args.resume and (out / f"seed-{s}" / "summary.json").exists())]
-    threads = str(max(1, (os.cpu_count() or 1) // min(args.jobs, max(len(todo), 1))))
-    env = {**os.environ, "OMP_NUM_THREADS": threads} if args.jobs > 1 else dict(os.environ)
     running, failed = [], []
     for position, seed in enumerate(todo):
         log = (out / f"seed-{seed}.log").open("w") if args.jobs > 1 else None
@@ -162,7 +163,7 @@ def run_seeds(args, argv: list[str], out: Path) -> int:
               + (f" > {log.name}" if log else ""), flush=True)
         running.append((seed, subprocess.Popen([sys.executable, str(Path(__file__).resolve()),
                                                 *seed_argv(argv, seed, out / f"seed-{seed}")],
-                                               env=env, stdout=log, stderr=subprocess.STDOUT if log else None)))
+                                               stdout=log, stderr=subprocess.STDOUT if log else None)))
         while len(running) >= args.jobs or (position == len(todo) - 1 and running):
             seed_done, process = running.pop(0)
             if process.wait() != 0:
