@@ -126,7 +126,7 @@ def check_out_dir(args, out: Path) -> None:
                          f"over, or --out DIR for a new one")
 
 
-SEED_FLAGS = {"--seeds": None, "--jobs": 1, "--seed": 1, "--out": 1}   # flag -> values it takes (None: a list)
+SEED_FLAGS = {"--seeds": None, "--jobs": 1, "--seed": 1, "--out": 1, "--overwrite": 0}   # flag -> values (None: a list)
 
 
 def seed_argv(argv: list[str], seed: int, out: Path) -> list[str]:
@@ -146,23 +146,52 @@ def seed_argv(argv: list[str], seed: int, out: Path) -> list[str]:
     return kept + ["--seed", str(seed), "--out", str(out)]
 
 
+def share_base(args, argv: list[str], out: Path, todo: list[int]) -> list[str] | None:
+    """A fixed pretraining seed gives every seed the same base: pretrain it once, in the first seed's run, and copy
+    it (model, stage record, curve rows) into the other seeds' directories. Returns the extra flags every seed then
+    runs with (--resume: skip the finished pretraining), or None when the base cannot be shared this way."""
+    import shutil
+
+    fresh = all(not (out / f"seed-{s}").exists() or not any((out / f"seed-{s}").iterdir()) for s in todo)
+    if build_run(args).preset.pretrain_seed is None or args.stage != "all" or len(todo) < 2 or not (fresh or args.resume):
+        return None
+    first = out / f"seed-{todo[0]}"
+    if not (first / "base" / "config.json").is_file():
+        print(f"seed {todo[0]}: pretraining the base that every seed shares", flush=True)
+        command = [sys.executable, str(Path(__file__).resolve()), *seed_argv(argv, todo[0], first), "--stage", "pretrain"]
+        if subprocess.run(command).returncode != 0:
+            raise SystemExit("error: pretraining the shared base failed (see its output above)")
+    for seed in todo[1:]:
+        target = out / f"seed-{seed}"
+        if not (target / "base" / "config.json").is_file():
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(first / "base", target / "base", dirs_exist_ok=True)
+            for name in ("stages.json", "metrics.jsonl"):
+                shutil.copy(first / name, target / name)
+    return ["--resume"]
+
+
 def run_seeds(args, argv: list[str], out: Path) -> int:
     """Each seed is a `train.py` process of its own, up to --jobs at once, each with the default threads (so a
-    seed's numbers equal those of a plain `python train.py --seed N`); with --resume a seed whose summary.json
-    exists is not run again. Then the table across seeds."""
+    seed's numbers equal those of a plain `python train.py --seed N`), sharing one base when the preset fixes the
+    pretraining seed; with --resume a seed whose summary.json exists is not run again. Then the table across seeds."""
+    import shutil
+
     from thor_min.report import write_seeds_table
 
     if args.jobs < 1 or len(set(args.seeds)) != len(args.seeds):
         raise SystemExit("error: --jobs must be at least 1 and --seeds must not repeat a seed")
-    out.mkdir(parents=True, exist_ok=True)
     todo = [s for s in args.seeds if not (args.resume and (out / f"seed-{s}" / "summary.json").exists())]
+    for seed in todo if args.overwrite else ():
+        shutil.rmtree(out / f"seed-{seed}", ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    extra = share_base(args, argv, out, todo) or []
     running, failed = [], []
     for position, seed in enumerate(todo):
+        command = seed_argv(argv, seed, out / f"seed-{seed}") + [flag for flag in extra if flag not in argv]
         log = (out / f"seed-{seed}.log").open("w") if args.jobs > 1 else None
-        print(f"seed {seed}: python train.py {' '.join(seed_argv(argv, seed, out / f'seed-{seed}'))}"
-              + (f" > {log.name}" if log else ""), flush=True)
-        running.append((seed, subprocess.Popen([sys.executable, str(Path(__file__).resolve()),
-                                                *seed_argv(argv, seed, out / f"seed-{seed}")],
+        print(f"seed {seed}: python train.py {' '.join(command)}" + (f" > {log.name}" if log else ""), flush=True)
+        running.append((seed, subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *command],
                                                stdout=log, stderr=subprocess.STDOUT if log else None)))
         while len(running) >= args.jobs or (position == len(todo) - 1 and running):
             seed_done, process = running.pop(0)

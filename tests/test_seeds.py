@@ -80,14 +80,15 @@ def test_a_failed_seed_fails_the_study_and_writes_no_table(tmp_path):
 
 
 @pytest.mark.slow
-def test_each_seed_runs_in_its_own_directory(tmp_path):
-    result = subprocess.run([sys.executable, "train.py", "--seeds", "3", "4", "--jobs", "2", "--stage", "pretrain",
-                             "--pretrain-steps", "3", "--out", str(tmp_path)],
+def test_seeds_share_the_base_of_the_fixed_pretraining_seed(tmp_path):
+    # tiny budgets: the 3-step base yields no TIRGen data, so both seeds stop at SFT; the base is what is checked
+    result = subprocess.run([sys.executable, "train.py", "--seeds", "3", "4", "--jobs", "2", "--pretrain-steps", "3",
+                             "--tirgen-problems", "2", "--tirgen-attempts", "1", "--out", str(tmp_path)],
                             cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-    for seed in (3, 4):
-        assert (tmp_path / f"seed-{seed}" / "base" / "config.json").is_file(), f"seed {seed} has no base model"
-        assert (tmp_path / f"seed-{seed}.log").is_file(), "with --jobs 2 each seed logs to OUT/seed-N.log"
+    assert result.returncode == 1 and "seeds 3, 4 failed" in result.stderr, result.stderr[-2000:]
     weights = [(tmp_path / f"seed-{s}" / "base" / "model.safetensors").read_bytes() for s in (3, 4)]
-    assert weights[0] != weights[1], "two seeds must give two different base models"
-    assert not (tmp_path / "seeds.md").exists(), "pretraining alone has no summaries to tabulate"
+    assert weights[0] == weights[1], "every seed starts from the one shared base"
+    for seed in (3, 4):
+        log = (tmp_path / f"seed-{seed}.log").read_text()
+        assert "pretrain: done already" in log and "tirgen:" in log, f"seed {seed} must skip pretraining: {log[-800:]}"
+    assert not (tmp_path / "seeds.md").exists(), "no table from failed seeds"
