@@ -6,7 +6,8 @@ generate.py). It is a hand-written sampler over any transformers causal LM (no `
 - Prefill once per prompt, then replicate the cache to the G rows of its group (`expand_rows`).
 - One forward per step for all live rows, each writing the same column of a preallocated cache
   (`thor_min.kvcache`); per-row positions and a per-row column mask make left padding, tool output
-  and rollbacks exact. Finished rows are dropped from the batch when half of it is done.
+  and rollbacks exact. Finished rows are dropped from the batch when half of it is done. For Qwen2/Qwen3
+  models the step skips transformers' per-call wrappers (`thor_min.decode`, bitwise the same logits).
 - Tool calls. When a row's text closes a ```python block, the cells closed at that step are submitted
   together to the sandbox in a background thread, and generation goes on: the row waits (feeding nothing,
   its column masked) while every other row keeps sampling, so a slow cell never stalls the batch; only when
@@ -41,6 +42,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from thor_min.decode import decode_step_for
 from thor_min.kvcache import RolloutCache, attention_bias
 from thor_min.sampling import sample_tokens
 from thor_min.trajectory import Cell, FenceTracker, Rollout, observation_block
@@ -110,6 +112,7 @@ class RolloutEngine:
         self.tokenizer = tokenizer
         self.sandbox = sandbox
         self.decode = tokenizer.backend_tokenizer.decode
+        self.decode_step = decode_step_for(model)      # one token per row: a lean forward where it is exact
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         self.eos_ids = set(eos) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
@@ -203,9 +206,9 @@ class RolloutEngine:
         device = self.model.device
         column_mask[:, column] = torch.tensor(fed, device=device)
         inputs = torch.tensor([tokens, positions], device=device)[:, :, None]          # [2, B, 1]
-        out = self.model(input_ids=inputs[0], position_ids=inputs[1], cache=cache, use_cache=True,
-                         attention_mask=attention_bias(column_mask[:, :column + 1], 1, self.model.dtype))
-        return out.logits[:, -1].float(), column_mask
+        logits = self.decode_step(self.model, inputs[0], inputs[1], cache,
+                                  attention_bias(column_mask[:, :column + 1], 1, self.model.dtype))
+        return logits.float(), column_mask
 
     # ------------------------------------------------------------------------------------------
     # Sampling and bookkeeping
