@@ -2,7 +2,7 @@
 
 from thor_min.plot import read_png
 from thor_min.png import read_png_size
-from thor_min.report import reading, table, write_report
+from thor_min.report import machine_name, reading, table, write_report
 
 
 def row(name, accuracy, ci95, *, pass_rate=0.8, tokens=100.0, heldout=None):
@@ -116,3 +116,9 @@ def test_write_report_writes_markdown_and_png(tmp_path):
     assert "## Reading" in text and "10.0 minutes on 2 CPU cores" in text, text[:400]
     width, height = read_png_size(tmp_path / "ablation.png")
     assert read_png(tmp_path / "ablation.png").shape == (height, width, 3), "ablation.png is not a valid PNG"
+
+
+def test_machine_name_ends_with_the_core_count():
+    import os
+
+    assert machine_name().endswith(f", {os.cpu_count()} cores"), machine_name()

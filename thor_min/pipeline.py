@@ -19,7 +19,6 @@ other in one process; real models need a GPU and a reachable (or local) model an
 
 import json
 import os
-import platform
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ import torch
 from thor_min import tasks, tiny
 from thor_min.config import Preset
 from thor_min.data import Problem, load_problems
-from thor_min.evaluate import EvalConfig, evaluate, record_dict
+from thor_min.evaluate import EvalConfig, accuracy_by_kind, evaluate, record_dict
 from thor_min.metrics import MetricsLog
 from thor_min.models import build_prompt, detect_template, encode_prompt, load_model, save_model_dir, write_metadata
 from thor_min.rl import RLConfig, run_rl
@@ -140,19 +139,6 @@ def make_sandbox(run: Run) -> Sandbox:
 def prompt_encoder(run: Run, tokenizer, tools: bool):
     template = run.template(tokenizer)
     return lambda problem: encode_prompt(tokenizer, template, problem.question, tools=tools)
-
-
-def machine_name() -> str:
-    """The CPU model (with family/model numbers, which tell e.g. Zen 2 from Zen 4) and core count."""
-    fields = {}
-    cpuinfo = Path("/proc/cpuinfo")
-    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-    name = fields.get("model name") or platform.processor() or platform.machine()
-    if "cpu family" in fields:
-        name += f" (family {fields['cpu family']}, model {fields.get('model', '?')})"
-    return f"{name}, {os.cpu_count()} cores"
 
 
 def record_stage(run: Run, stage: str, seconds: float, **facts) -> None:
@@ -351,15 +337,6 @@ EVAL_ROWS = (  # (row name, model directory, tools, self-correction) -- THOR's a
 )
 
 
-def accuracy_by_kind(problems: list[Problem], records) -> dict[str, float]:
-    """Accuracy per problem template (tiny world: product, linear, ...); empty when problems have no kind."""
-    kind_of, tally = {p.id: p.kind for p in problems}, {}
-    for record in records:
-        if kind_of.get(record.id):
-            tally.setdefault(kind_of[record.id], []).append(float(record.correct))
-    return {kind: sum(values) / len(values) for kind, values in tally.items()}
-
-
 def summarise_row(name: str, model_dir: str, tools: bool, self_correct: bool, per_benchmark: dict) -> dict:
     """One table row: primary benchmarks averaged (tiny: the test split), "-heldout" sets separately."""
     primary = {k: v for k, v in per_benchmark.items() if not k.endswith("-heldout")}
@@ -387,7 +364,7 @@ def mean_bound(sets: dict, index: int) -> float:
 
 def stage_eval(run: Run) -> dict:
     """Evaluate every ablation row that has a model; write eval/*.jsonl, summary.json, report.md, ablation.png."""
-    from thor_min.report import write_report
+    from thor_min.report import machine_name, write_report
 
     preset, started = run.preset, time.time()
     sets = eval_problems(run)

@@ -8,6 +8,8 @@ overlap; otherwise a difference is reported as within noise.
 Limits: intervals are over problems (Avg@k per problem), not over training seeds.
 """
 
+import os
+import platform
 from pathlib import Path
 
 from thor_min.plot import save_bar_chart
@@ -22,6 +24,19 @@ ROW_TITLES = {
     "cot-sft": "SFT on plain-CoT references, same problems",
     "cot-rl": "RL without tools (from base)",
 }
+
+
+def machine_name() -> str:
+    """The CPU model (with family/model numbers, which tell e.g. Zen 2 from Zen 4) and core count."""
+    fields = {}
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields:
+        name += f" (family {fields['cpu family']}, model {fields.get('model', '?')})"
+    return f"{name}, {os.cpu_count()} cores"
 
 
 def _pct(value) -> str:
