@@ -5,6 +5,7 @@
     python train.py --model qwen-1.5b        # Qwen2.5-Math-1.5B on one 24 GB GPU (LoRA, checkpointing)
     python train.py --stage rl --resume      # one stage; --resume continues an interrupted run
     torchrun --nproc_per_node 8 train.py --model qwen-7b   # data-parallel on 8 GPUs (README: More than one GPU)
+    python train.py --seeds 0 1 2            # one run per seed in OUT/seed-N, then OUT/seeds.md and seeds.json
 
 Every default lives in thor_min/config.py (one preset per model alias); flags below override it.
 Outputs go to --out (default runs/<model>): metrics.jsonl, curves.png, report.md, summary.json, ablation.png,
@@ -13,6 +14,7 @@ templates.png; --report-to tensorboard|wandb|trackio also sends the metrics to t
 
 import argparse
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -24,7 +26,7 @@ STAGE_CHOICES = ("all", "pretrain", "tirgen", "sft", "rl", "eval")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     run = parser.add_argument_group("run")
     run.add_argument("--model", default="tiny", help="tiny, an alias (qwen-1.5b, qwen-7b, qwen3-1.7b, qwen3-8b), "
@@ -36,6 +38,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--ablation", action="store_true", help="also run the no-tool rows: SFT on plain-CoT references of the "
                      "TIRGen problems (cot-sft) and RL without tools (cot-rl)")
     run.add_argument("--seed", type=int, default=0, help="seed for data order, sampling and init (default: 0)")
+    run.add_argument("--seeds", type=int, nargs="+", help="run every flag given once per seed, each in OUT/seed-N, then "
+                     "write the table across seeds (mean and range per row) to OUT/seeds.md and OUT/seeds.json")
+    run.add_argument("--jobs", type=int, default=1, help="with --seeds: how many seeds run at once, each logging to "
+                     "OUT/seed-N.log (default: 1)")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
     run.add_argument("--report-to", nargs="+", default=["none"], metavar="TRACKER",
                      help="also send metrics to none, or any of tensorboard, wandb, trackio (metrics.jsonl is always "
@@ -61,8 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--dist-timeout", type=float, default=30.0, help="under torchrun: minutes a rank waits for "
                      "the others in a collective before the run fails (a dead rank ends the run; default: 30)")
     pretrain = parser.add_argument_group("pretraining (tiny world)")
-    pretrain.add_argument("--pretrain-steps", type=int, help="length of the pretraining LR schedule (steps)")
-    pretrain.add_argument("--pretrain-max-steps", type=int, help="hard cap on pretraining steps")
+    pretrain.add_argument("--pretrain-steps", type=int, help="pretraining budget in steps (cosine learning rate)")
+    pretrain.add_argument("--pretrain-lr", type=float, help="peak pretraining learning rate")
+    pretrain.add_argument("--pretrain-seed", type=int, help="seed of the tiny base (default: the preset's; tiny: 2)")
+    pretrain.add_argument("--pretrain-batch", type=int, help="packed blocks per pretraining step")
     tirgen = parser.add_argument_group("TIRGen")
     tirgen.add_argument("--critic", help="rule, or an instruct model alias / hub id / directory")
     tirgen.add_argument("--tirgen-problems", type=int, help="problems to generate data for")
@@ -105,7 +113,7 @@ def build_run(args):
                       micro_batch_tokens=args.micro_batch_tokens, rollout_batch=args.rollout_batch,
                       cpu_threads=args.cpu_threads, rl_max_new_tokens=args.max_new_tokens, eval_max_new_tokens=args.max_new_tokens, critic=args.critic,
                       checkpoint_every=args.checkpoint_every, pretrain_steps=args.pretrain_steps,
-                      pretrain_max_steps=args.pretrain_max_steps,
+                      pretrain_lr=args.pretrain_lr, pretrain_batch=args.pretrain_batch, pretrain_seed=args.pretrain_seed,
                       tirgen_problems=args.tirgen_problems, tirgen_attempts=args.tirgen_attempts,
                       tirgen_code_filter=args.tirgen_code_filter, sft_lr=args.sft_lr, sft_epochs=args.sft_epochs,
                       sft_train_on_outputs=args.sft_train_on_outputs, rl_steps=args.rl_steps,
@@ -129,7 +137,91 @@ def check_out_dir(args, out: Path) -> None:
                          f"over, or --out DIR for a new one")
 
 
+SEED_FLAGS = {"--seeds": None, "--jobs": 1, "--seed": 1, "--out": 1, "--overwrite": 0}   # flag -> values (None: a list)
+
+
+def seed_argv(argv: list[str], seed: int, out: Path) -> list[str]:
+    """One seed's arguments: the given ones without --seeds/--jobs/--seed/--out, then its own --seed and --out."""
+    kept, index = [], 0
+    while index < len(argv):
+        flag = argv[index].split("=", 1)[0]
+        index += 1
+        if flag not in SEED_FLAGS:
+            kept.append(argv[index - 1])
+        elif "=" not in argv[index - 1]:
+            if SEED_FLAGS[flag] is None:
+                while index < len(argv) and not argv[index].startswith("--"):
+                    index += 1
+            else:
+                index += SEED_FLAGS[flag]
+    return kept + ["--seed", str(seed), "--out", str(out)]
+
+
+def share_base(args, argv: list[str], out: Path, todo: list[int]) -> list[str] | None:
+    """A fixed pretraining seed gives every seed the same base: pretrain it once, in the first seed's run, and copy
+    it (model, stage record, curve rows) into the other seeds' directories. Returns the extra flags every seed then
+    runs with (--resume: skip the finished pretraining), or None when the base cannot be shared this way."""
+    import shutil
+
+    fresh = all(not (out / f"seed-{s}").exists() or not any((out / f"seed-{s}").iterdir()) for s in todo)
+    if build_run(args).preset.pretrain_seed is None or args.stage != "all" or len(todo) < 2 or not (fresh or args.resume):
+        return None
+    first = out / f"seed-{todo[0]}"
+    if not (first / "base" / "config.json").is_file():
+        print(f"seed {todo[0]}: pretraining the base that every seed shares", flush=True)
+        command = [sys.executable, str(Path(__file__).resolve()), *seed_argv(argv, todo[0], first), "--stage", "pretrain"]
+        if subprocess.run(command).returncode != 0:
+            raise SystemExit("error: pretraining the shared base failed (see its output above)")
+    for seed in todo[1:]:
+        target = out / f"seed-{seed}"
+        if not (target / "base" / "config.json").is_file():
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(first / "base", target / "base", dirs_exist_ok=True)
+            for name in ("stages.json", "metrics.jsonl"):
+                shutil.copy(first / name, target / name)
+    return ["--resume"]
+
+
+def run_seeds(args, argv: list[str], out: Path) -> int:
+    """Each seed is a `train.py` process of its own, up to --jobs at once, each with the default threads (so a
+    seed's numbers equal those of a plain `python train.py --seed N`), sharing one base when the preset fixes the
+    pretraining seed; with --resume a seed whose summary.json exists is not run again. Then the table across seeds."""
+    import shutil
+
+    from thor_min.report import write_seeds_table
+
+    if args.jobs < 1 or len(set(args.seeds)) != len(args.seeds):
+        raise SystemExit("error: --jobs must be at least 1 and --seeds must not repeat a seed")
+    todo = [s for s in args.seeds if not (args.resume and (out / f"seed-{s}" / "summary.json").exists())]
+    for seed in todo if args.overwrite else ():
+        shutil.rmtree(out / f"seed-{seed}", ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    extra = share_base(args, argv, out, todo) or []
+    running, failed = [], []
+    for position, seed in enumerate(todo):
+        command = seed_argv(argv, seed, out / f"seed-{seed}") + [flag for flag in extra if flag not in argv]
+        log = (out / f"seed-{seed}.log").open("w") if args.jobs > 1 else None
+        print(f"seed {seed}: python train.py {' '.join(command)}" + (f" > {log.name}" if log else ""), flush=True)
+        running.append((seed, subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *command],
+                                               stdout=log, stderr=subprocess.STDOUT if log else None)))
+        while len(running) >= args.jobs or (position == len(todo) - 1 and running):
+            seed_done, process = running.pop(0)
+            if process.wait() != 0:
+                failed.append(seed_done)
+    if failed:
+        print(f"error: seeds {', '.join(map(str, failed))} failed (see their output); no table written", file=sys.stderr)
+        return 1
+    missing = [s for s in args.seeds if not (out / f"seed-{s}" / "summary.json").exists()]
+    if missing:
+        print(f"seeds {', '.join(map(str, missing))} have no summary.json (not evaluated): no table written")
+        return 0
+    write_seeds_table(out, {s: out / f"seed-{s}" / "summary.json" for s in args.seeds})
+    print(f"table across seeds {', '.join(map(str, args.seeds))}: {out / 'seeds.md'}, {out / 'seeds.json'}")
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     out = args.out or Path("runs") / args.model.strip("/").replace("/", "--")
     from thor_min.trackers import TrackerError, check_report_to
@@ -139,6 +231,8 @@ def main(argv=None) -> int:
     except TrackerError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if args.seeds:
+        return run_seeds(args, argv, out)
     import torch
 
     from thor_min import distributed

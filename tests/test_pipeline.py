@@ -93,7 +93,7 @@ def _checkpoint_step(out: Path) -> int:
 
 @pytest.mark.slow
 def test_a_run_killed_with_sigkill_resumes_and_loses_at_most_the_step_in_flight(tmp_path):
-    args = ["--stage", "pretrain", "--out", str(tmp_path), "--pretrain-steps", "200", "--pretrain-max-steps", "200",
+    args = ["--stage", "pretrain", "--out", str(tmp_path), "--pretrain-steps", "200",
             "--checkpoint-every", "1"]
     process = subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, env=ENV,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

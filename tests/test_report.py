@@ -4,7 +4,7 @@ import json
 
 from PIL import Image
 
-from thor_min.report import main, reading, table, write_report
+from thor_min.report import machine_name, main, reading, table, write_report
 
 
 def row(name, accuracy, ci95, *, pass_rate=0.8, tokens=100.0, heldout=None):
@@ -132,3 +132,9 @@ def test_report_links_the_template_chart_when_kinds_were_measured(tmp_path):
     with Image.open(tmp_path / "templates.png") as image:
         assert image.format == "PNG", "templates.png is not a PNG"
     assert "![accuracy per template](templates.png)" in (tmp_path / "report.md").read_text(), "chart not linked"
+
+
+def test_machine_name_ends_with_the_core_count():
+    import os
+
+    assert machine_name().endswith(f", {os.cpu_count()} cores"), machine_name()

@@ -253,3 +253,16 @@ def test_restates_question_checks_the_first_statement_only():
         "copying the operands is enough, whatever the arithmetic says"
     assert not tasks.restates_question(problem, "1 * 2 = 2.\nThe answer is \\boxed{2}."), \
         "wrong operands do not restate the question"
+
+
+def test_heldout_scene_nouns_never_occur_in_training_questions(train, test):
+    nouns = {tasks.HELDOUT_SCENE.place, tasks.HELDOUT_SCENE.container, tasks.HELDOUT_SCENE.containers,
+             tasks.HELDOUT_SCENE.items, tasks.HELDOUT_SCENE.extras, tasks.HELDOUT_SCENE.members,
+             tasks.HELDOUT_SCENE.units}
+    words = {word.strip(".?,") for p in train + test for word in p.question.split()}
+    assert not nouns & words, f"held-out nouns seen in training questions: {nouns & words}"
+
+
+def test_word_problems_use_every_trained_scene(train):
+    places = {p.question.split()[1] for p in train if p.kind == "boxes"}
+    assert places == {scene.place for scene in tasks.SCENES}, f"boxes questions use places {places}"

@@ -306,6 +306,28 @@ def test_chunk_cut_by_the_token_limit_goes_back_to_its_last_newline(tokenizer):
     assert critic.chunks == ["Let me think.\n"], critic.chunks
 
 
+class RecordingActor(FixedActor):
+    """A FixedActor that keeps the decoded prompt of every request it was given."""
+
+    def __init__(self, tokenizer, text):
+        super().__init__(tokenizer, text)
+        self.contexts = []
+
+    def generate(self, requests, config, *, seed=0, progress=None):
+        self.contexts += [self.tokenizer.decode(r.prompt_ids) for r in requests]
+        return super().generate(requests, config, seed=seed, progress=progress)
+
+
+@pytest.mark.parametrize("sees_cells", [True, False])
+def test_actor_reads_its_text_with_or_without_the_cells(tokenizer, sees_cells):
+    actor = RecordingActor(tokenizer, "12 * 5 = 50.\n")
+    generate_attempts(actor, RuleCritic(FakeSandbox("60")), PROBLEMS[:1],
+                      TIRGenConfig(attempts=1, step_delimiter="\n", max_chunks=2, actor_sees_cells=sees_cells), "tiny")
+    second = actor.contexts[1]
+    assert second.endswith("12 * 5 = 60.\n"), f"the actor continues after the restated real value: {second!r}"
+    assert (FENCE in second) == sees_cells, f"cells {'shown' if sees_cells else 'elided'} expected: {second!r}"
+
+
 def test_eos_finishes_the_attempt(tokenizer):
     attempt = attempt_with(tokenizer, "No boxed answer here.", RuleCritic(FakeSandbox()), finish_reason="eos")
     assert attempt.done and not attempt.dropped and attempt.response == "No boxed answer here.", attempt

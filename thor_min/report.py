@@ -11,6 +11,8 @@ Limits: intervals are over problems (Avg@k per problem), not over training seeds
 
 import argparse
 import json
+import os
+import platform
 from pathlib import Path
 
 from thor_min.plot import save_ablation, save_templates
@@ -25,6 +27,19 @@ ROW_TITLES = {
     "cot-sft": "SFT on plain-CoT references, same problems",
     "cot-rl": "RL without tools (from base)",
 }
+
+
+def machine_name() -> str:
+    """The CPU model (with family/model numbers, which tell e.g. Zen 2 from Zen 4) and core count."""
+    fields = {}
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields:
+        name += f" (family {fields['cpu family']}, model {fields.get('model', '?')})"
+    return f"{name}, {os.cpu_count()} cores"
 
 
 def _pct(value) -> str:
@@ -122,6 +137,86 @@ def write_report(out_dir: str | Path, summary: dict) -> None:
     text += ["Curves: `curves.png` (from `metrics.jsonl`); per-sample outputs: `eval/*.jsonl`; "
              "TIRGen filter counts: `tirgen_stats.json`.", ""]
     (out_dir / "report.md").write_text("\n".join(text))
+
+
+# ----------------------------------------------------------------------------------------------
+# Across seeds: `train.py --seeds 0 1 2` writes OUT/seeds.md and OUT/seeds.json from each seed's summary.json
+
+SEED_METRICS = (("accuracy", "accuracy"), ("heldout_accuracy", "held-out templates"),
+                ("cell_pass_rate", "cell pass rate"), ("tokens", "tokens / sample"))
+
+
+def _spread(values: list) -> dict | None:
+    known = [v for v in values if v is not None and v == v]
+    return {"mean": sum(known) / len(known), "min": min(known), "max": max(known)} if known else None
+
+
+def seeds_summary(summaries: dict[int, dict]) -> dict:
+    """Per ablation row and metric: mean, min and max across seeds, plus every seed's value (and interval)."""
+    names = [name for name in CLAIM_ORDER if any(r["name"] == name for s in summaries.values() for r in s["rows"])]
+    rows = []
+    for name in names:
+        per_seed = {seed: next((r for r in s["rows"] if r["name"] == name), None) for seed, s in summaries.items()}
+        found = {seed: r for seed, r in per_seed.items() if r is not None}
+        rows.append({"name": name, "seeds": sorted(found),
+                     **{key: _spread([r[key] for r in found.values()]) for key, _ in SEED_METRICS},
+                     "kinds": {kind: _spread([r.get("kinds", {}).get(kind) for r in found.values()])
+                               for kind in sorted({k for r in found.values() for k in r.get("kinds", {})})},
+                     "accuracy_per_seed": {str(seed): r["accuracy"] for seed, r in found.items()},
+                     "ci95_per_seed": {str(seed): r["ci95"] for seed, r in found.items()}})
+    first = next(iter(summaries.values()))
+    return {"seeds": sorted(summaries), "rows": rows, "machine": first.get("machine", f"{first['cores']} CPU cores"),
+            "minutes_per_seed": {str(seed): round(s["seconds"] / 60, 1) for seed, s in summaries.items()},
+            "samples": first["samples"]}
+
+
+def seeds_table(study: dict) -> str:
+    def cell(spread: dict | None, scale: float = 100.0, digits: int = 1) -> str:
+        if spread is None:
+            return "n/a"
+        f = lambda v: f"{scale * v:.{digits}f}"
+        return f"{f(spread['mean'])} ({f(spread['min'])}-{f(spread['max'])})"
+
+    seeds = ", ".join(map(str, study["seeds"]))
+    lines = [f"| row | model | " + " | ".join(f"{title}: mean (range)" for _, title in SEED_METRICS)
+             + f" | accuracy per seed ({seeds}) |", "|---" * (len(SEED_METRICS) + 3) + "|"]
+    for row in study["rows"]:
+        values = [cell(row[key], *((1.0, 0) if key == "tokens" else ())) for key, _ in SEED_METRICS]
+        per_seed = " / ".join(_pct(row["accuracy_per_seed"].get(str(s))) for s in study["seeds"])
+        lines.append(f"| {row['name']} | {ROW_TITLES.get(row['name'], row['name'])} | {' | '.join(values)} | {per_seed} |")
+    return "\n".join(lines)
+
+
+def seeds_kind_table(study: dict, names: tuple[str, ...] = ("cold-start", "step-rl", "self-correct")) -> str:
+    """Accuracy per problem template (mean and range across seeds) for the tool rows."""
+    rows = [r for r in study["rows"] if r["name"] in names and r["kinds"]]
+    if not rows:
+        return ""
+    kinds = sorted({k for r in rows for k in r["kinds"]})
+    lines = ["| template | " + " | ".join(r["name"] for r in rows) + " |", "|---" * (len(rows) + 1) + "|"]
+    for kind in kinds:
+        values = [r["kinds"].get(kind) for r in rows]
+        lines.append(f"| {kind} | " + " | ".join("n/a" if v is None else
+                                                 f"{100 * v['mean']:.1f} ({100 * v['min']:.1f}-{100 * v['max']:.1f})"
+                                                 for v in values) + " |")
+    return "\n".join(lines)
+
+
+def write_seeds_table(out_dir: str | Path, summary_paths: dict[int, Path]) -> dict:
+    """OUT/seeds.json and OUT/seeds.md from each seed's summary.json."""
+    import json
+
+    out_dir = Path(out_dir)
+    study = seeds_summary({seed: json.loads(Path(p).read_text()) for seed, p in summary_paths.items()})
+    (out_dir / "seeds.json").write_text(json.dumps(study, indent=2) + "\n")
+    minutes = ", ".join(f"seed {s}: {m}" for s, m in study["minutes_per_seed"].items())
+    text = [f"# thor-min across seeds {', '.join(map(str, study['seeds']))}", "",
+            f"Avg@{study['samples']} accuracy in %, mean and (min-max) across seeds; machine: {study['machine']}; "
+            f"minutes per run: {minutes}. Each seed's own table and reading: seed-N/report.md.", "",
+            seeds_table(study), "", "Accuracy per template (%, mean and range across seeds):", "",
+            seeds_kind_table(study), ""]
+    (out_dir / "seeds.md").write_text("\n".join(text))
+    return study
 
 
 def main(argv=None) -> None:

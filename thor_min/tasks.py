@@ -12,10 +12,20 @@ small language (products, differences, exact quotients, `b^e mod m`, `gcd(a, b)`
 `1^2 + 2^2 + ... + n^2`, `a + (a+1) + ... + b` written `a + ... + b`) that `statement_code` translates to a
 python cell; TIRGen's rule-based critic uses that translation.
 
+Templates: six one-step skills (products of 4 x 3 digits, modular powers, sums of ranges and of squares,
+gcd, lcm) and three two-step ones (linear equations: a difference then a quotient; word problems: containers
+of items minus those sold, a product then a difference; a group minus its extras split into equal units, a
+difference then a quotient). Word problems draw their nouns from a few trained `SCENES`, so a model can learn
+that the nouns vary and the structure decides the computation.
+
+Held-out templates (`HELDOUT_TEMPLATES`) measure generalisation and never appear in training: the two word-problem
+structures told in `HELDOUT_SCENE`, whose nouns (farm, crates, eggs, guides, campers, buses) no training
+question uses (`crates`, `buses`), and one new composition, a product followed by an addition (`orchard`: no
+trained template adds two numbers). So the first two test whether trained skills transfer to unseen wording;
+the third whether they compose into an unseen chain (the tiny model is not expected to manage that).
+
 Splits are deterministic and disjoint by construction: a problem belongs to the test split iff a stable
 hash of its question text falls in the test bucket, and the train generator rejects such problems.
-Held-out templates (`HELDOUT_TEMPLATES`) chain the same operations under wordings never used in
-training, to measure generalisation.
 
 Limits: integer answers only; the wording is templated (a language model can overfit the phrasing,
 which is exactly what the held-out templates measure).
@@ -100,21 +110,51 @@ def _lcm(rng: random.Random) -> tuple[str, list[Statement]]:
     return f"What is the least common multiple of {a} and {b}?", [Statement(f"lcm({a}, {b})", math.lcm(a, b))]
 
 
-def _boxes(rng: random.Random) -> tuple[str, list[Statement]]:
+@dataclass(frozen=True)
+class Scene:
+    """The nouns of a word problem: a place holding containers of items, or a group split into units."""
+
+    place: str
+    container: str
+    containers: str
+    items: str
+    extras: str
+    members: str
+    units: str
+
+
+# Trained scenes; the held-out templates use HELDOUT_SCENE, whose nouns never occur in a training question.
+SCENES = (Scene("shop", "box", "boxes", "pens", "coaches", "players", "teams"),
+          Scene("bakery", "tray", "trays", "rolls", "teachers", "pupils", "classes"),
+          Scene("library", "shelf", "shelves", "books", "drivers", "riders", "vans"))
+HELDOUT_SCENE = Scene("farm", "crate", "crates", "eggs", "guides", "campers", "buses")
+
+
+def _left(rng: random.Random, scene: Scene) -> tuple[str, list[Statement]]:
+    """Containers of items, some sold: a product, then a difference."""
     boxes, per = rng.randint(12, 99), rng.randint(12, 99)
     total = boxes * per
     sold = rng.randint(10, total - 1)
-    question = (f"A shop has {boxes} boxes with {per} pens in each box. "
-                f"It sells {sold} pens. How many pens are left?")
+    question = (f"A {scene.place} has {boxes} {scene.containers} with {per} {scene.items} in each {scene.container}. "
+                f"It sells {sold} {scene.items}. How many {scene.items} are left?")
     return question, [Statement(f"{boxes} * {per}", total), Statement(f"{total} - {sold}", total - sold)]
 
 
-def _teams(rng: random.Random) -> tuple[str, list[Statement]]:
+def _groups(rng: random.Random, scene: Scene) -> tuple[str, list[Statement]]:
+    """A group minus its extras, split into equal units: a difference, then a quotient."""
     team, teams, extra = rng.randint(3, 12), rng.randint(20, 300), rng.randint(10, 500)
     members = team * teams + extra
-    question = (f"A club has {members} members. {extra} of them are coaches and the rest are players. "
-                f"The players form teams of {team}. How many teams are there?")
+    question = (f"A group has {members} people. {extra} of them are {scene.extras} and the rest are {scene.members}. "
+                f"The {scene.members} form {scene.units} of {team}. How many {scene.units} are there?")
     return question, [Statement(f"{members} - {extra}", team * teams), Statement(f"{team * teams} / {team}", teams)]
+
+
+def _boxes(rng: random.Random) -> tuple[str, list[Statement]]:
+    return _left(rng, rng.choice(SCENES))
+
+
+def _teams(rng: random.Random) -> tuple[str, list[Statement]]:
+    return _groups(rng, rng.choice(SCENES))
 
 
 TEMPLATES: tuple[Template, ...] = (
@@ -133,28 +173,26 @@ TEMPLATES: tuple[Template, ...] = (
 # Held-out templates: known operations, wordings never seen in training
 
 
+def _crates(rng: random.Random) -> tuple[str, list[Statement]]:
+    return _left(rng, HELDOUT_SCENE)
+
+
+def _buses(rng: random.Random) -> tuple[str, list[Statement]]:
+    return _groups(rng, HELDOUT_SCENE)
+
+
 def _orchard(rng: random.Random) -> tuple[str, list[Statement]]:
+    """A new composition: a product (trained), then a sum of two numbers (no trained template adds)."""
     rows, per, extra = rng.randint(12, 99), rng.randint(12, 99), rng.randint(10, 999)
     question = (f"An orchard has {rows} rows of {per} trees and {extra} more trees by the gate. "
                 f"How many trees are there in total?")
     return question, [Statement(f"{rows} * {per}", rows * per), Statement(f"{rows * per} + {extra}", rows * per + extra)]
 
 
-def _triple_product(rng: random.Random) -> tuple[str, list[Statement]]:
-    a, b, c = rng.randint(10, 99), rng.randint(10, 99), rng.randint(10, 99)
-    return f"Compute {a} * {b} * {c}.", [Statement(f"{a} * {b}", a * b), Statement(f"{a * b} * {c}", a * b * c)]
-
-
-def _power_remainder(rng: random.Random) -> tuple[str, list[Statement]]:
-    base, exponent, modulus = rng.randint(21, 99), rng.randint(10, 300), rng.choice([100, 1000])
-    question = f"Find the last digits: {base}^{exponent} mod {modulus}."
-    return question, [Statement(f"{base}^{exponent} mod {modulus}", pow(base, exponent, modulus))]
-
-
 HELDOUT_TEMPLATES: tuple[Template, ...] = (
+    Template("crates", _crates),
+    Template("buses", _buses),
     Template("orchard", _orchard),
-    Template("triple-product", _triple_product),
-    Template("power-remainder", _power_remainder),
 )
 
 # ----------------------------------------------------------------------------------------------

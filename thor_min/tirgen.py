@@ -53,6 +53,7 @@ class TIRGenConfig:
     min_code_lines: int = 5
     one_cell_keep: float = 0.5       # fraction of the one-cell bucket kept (THOR code: down-sample by 50 %)
     batch_size: int = 64             # rows per engine batch
+    actor_sees_cells: bool = True    # False: the actor reads its text so far with cells and outputs elided
     seed: int = 0
 
 
@@ -172,6 +173,17 @@ def _cut_chunk(text: str, finished_by: str) -> str:
     return text
 
 
+CELL_AND_OUTPUT = re.compile(r"```python[ \t]*\n.*?\n```\n?```output\n.*?\n```\n", re.DOTALL)
+
+
+def actor_view(response: str, config: TIRGenConfig) -> str:
+    """What the actor reads before its next chunk: the rewritten text, or (`actor_sees_cells` off) that text
+    without its cell + output blocks. The rule critic restates each statement with the real value after its
+    output, so the elided view is plain chain-of-thought carrying the real results: in-distribution for a base
+    that never saw a code block (the tiny one), while the kept sample still holds every cell and output."""
+    return response if config.actor_sees_cells else CELL_AND_OUTPUT.sub("", response)
+
+
 def generate_attempts(engine, critic, problems: list[Problem], config: TIRGenConfig, template: str) -> list[Attempt]:
     """Run `config.attempts` actor-critic attempts for every problem; return them all (dropped ones too)."""
     tokenizer = engine.tokenizer
@@ -183,7 +195,7 @@ def generate_attempts(engine, critic, problems: list[Problem], config: TIRGenCon
         active = [a for a in attempts if not a.done]
         if not active:
             break
-        requests = [RolloutRequest(tokenize_example(tokenizer, prompts[a.problem_id], a.response,
+        requests = [RolloutRequest(tokenize_example(tokenizer, prompts[a.problem_id], actor_view(a.response, config),
                                                     add_eos=False).ids) for a in active]
         rollouts = engine.generate(requests, actor, seed=config.seed * 1000 + chunk_index)
         chunks = [_cut_chunk(r.text, r.finish_reason) for r in rollouts]
