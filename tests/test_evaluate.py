@@ -8,7 +8,7 @@ import torch
 from thor_min import tiny
 from thor_min.bench.rollout import fit_texts
 from thor_min.data import Problem
-from thor_min.evaluate import EvalConfig, SampleRecord, accuracy_by_kind, evaluate, record_dict, summarise
+from thor_min.evaluate import EvalConfig, SampleRecord, evaluate, record_dict, summarise
 from thor_min.rollout import RolloutEngine
 from thor_min.sandbox import Sandbox
 
@@ -122,11 +122,3 @@ def test_evaluate_rejects_an_empty_problem_list(engine_parts):
     with pytest.raises(ValueError, match="no problems"):
         evaluate(RolloutEngine(model, tokenizer), [], "tiny", EvalConfig())
 
-
-def test_accuracy_by_kind_averages_the_samples_of_each_template(records):
-    problems = [Problem(id="p1", question="q1", answer="5", kind="product"),
-                Problem(id="p2", question="q2", answer="5", kind="linear")]
-    by_kind = accuracy_by_kind(problems, records)
-    expected = {kind: sum(r.correct for r in records if r.id == pid) / sum(r.id == pid for r in records)
-                for pid, kind in (("p1", "product"), ("p2", "linear"))}
-    assert by_kind == pytest.approx(expected), f"got {by_kind}, expected {expected}"

@@ -142,11 +142,3 @@ def evaluate(engine, problems: list[Problem], template: str, config: EvalConfig,
 def record_dict(record: SampleRecord) -> dict:
     return asdict(record)
 
-
-def accuracy_by_kind(problems: list[Problem], records) -> dict[str, float]:
-    """Accuracy per problem template (tiny world: product, linear, ...); empty when problems have no kind."""
-    kind_of, tally = {p.id: p.kind for p in problems}, {}
-    for record in records:
-        if kind_of.get(record.id):
-            tally.setdefault(kind_of[record.id], []).append(float(record.correct))
-    return {kind: sum(values) / len(values) for kind, values in tally.items()}
