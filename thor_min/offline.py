@@ -44,11 +44,6 @@ def _tokenizer_json() -> str:
     return data.decode("utf-8")
 
 
-def family_of(name: str) -> str:
-    """The tokenizer family of a model alias or id: Qwen3 models -> "qwen3", every other Qwen -> "qwen2.5"."""
-    return "qwen3" if "qwen3" in name.lower() else "qwen2.5"
-
-
 def real_tokenizer(family: str):
     """A fresh `PreTrainedTokenizerFast` of `family` ("qwen2.5" or "qwen3"), built without network."""
     from tokenizers import Tokenizer

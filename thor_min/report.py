@@ -178,7 +178,7 @@ def seeds_table(study: dict) -> str:
         return f"{f(spread['mean'])} ({f(spread['min'])}-{f(spread['max'])})"
 
     seeds = ", ".join(map(str, study["seeds"]))
-    lines = [f"| row | model | " + " | ".join(f"{title}: mean (range)" for _, title in SEED_METRICS)
+    lines = ["| row | model | " + " | ".join(f"{title}: mean (range)" for _, title in SEED_METRICS)
              + f" | accuracy per seed ({seeds}) |", "|---" * (len(SEED_METRICS) + 3) + "|"]
     for row in study["rows"]:
         values = [cell(row[key], *((1.0, 0) if key == "tokens" else ())) for key, _ in SEED_METRICS]
