@@ -3,9 +3,10 @@
     python tests/distributed_worker.py parity OUT          # or: torchrun --standalone --nproc_per_node 2 ...
     python tests/distributed_worker.py sft OUT [--resume] [--kill-rank1-at STEP]
 
-`parity` writes, from rank 0 only: sft.pt and rl.pt (the parameters after one SFT step with LoRA and one RL
-step of full fine-tuning on a mixed trajectory + step-level batch), rollouts.json (sampled tokens), and a
-TIRGen and an evaluation run's output directories. `sft` trains 6 SFT steps with a checkpoint per step;
+`parity` writes, from rank 0 only: sft.pt, sft-full.pt and rl.pt (the parameters after one SFT step with LoRA,
+one of full fine-tuning, and one RL step of full fine-tuning on a mixed trajectory + step-level batch; full
+fine-tuning is FSDP2-sharded on 2 ranks), rollouts.json (sampled tokens), and a TIRGen and an evaluation run's
+output directories. `sft` trains 6 full fine-tuning SFT steps (FSDP2 on 2 ranks) with a checkpoint per step;
 rank 1 can SIGKILL itself after a step (the no-hang test). tests/test_distributed.py compares the outputs.
 """
 
@@ -39,6 +40,11 @@ def tiny_model(seed: int = 0):
     return tiny.build_model(tokenizer, SIZE, seed=seed), tokenizer
 
 
+def whole_weights(model) -> dict:
+    """Every weight, whole (gathered from the ranks when FSDP2 shards the model; every rank must call this)."""
+    return {name: tensor.detach().clone() for name, tensor in distributed.full_weights(model).items()}
+
+
 @distributed.rank_zero_writes
 def save(path: Path, value) -> None:
     torch.save(value, path) if path.suffix == ".pt" else path.write_text(json.dumps(value))
@@ -58,10 +64,26 @@ def sft_step(out: Path) -> None:
     save(out / "sft.pt", {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
 
 
+def sft_full_step(out: Path) -> None:
+    """One SFT step of full fine-tuning: FSDP2 shards parameters, gradients and AdamW state on 2 ranks, and
+    the rank with fewer micro-batches runs zero-weight passes (3 examples over 2 ranks, one per micro-batch)."""
+    model, tokenizer = tiny_model(seed=3)
+    distributed.prepare_training(model, shard_parameters=True)
+    local = lambda tensor: tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    save(out / "sharding.json", {"local": sum(local(p).numel() for p in model.parameters()),   # rank 0's share
+                                 "whole": sum(p.numel() for p in model.parameters())})
+    examples = full_text_examples(tokenizer, tasks.train_split(3))
+    config = SFTConfig(lr=1e-3, max_steps=1, batch_size=3, micro_batch_tokens=60, eval_every=1, seed=0)
+    train_sft(model, tokenizer, examples, examples[:1], config,
+              log=distributed.RankZeroOnly(MetricsLog(out / "sft-full-log")))
+    save(out / "sft-full.pt", whole_weights(model))
+
+
 def rl_step(out: Path, sandbox) -> None:
     """Sample 3 groups of 4 (sharded by request), build a mixed batch with step-level continuations of
     half of each trajectory, then one RL step (old log-probs, 2 minibatches) of full fine-tuning."""
     model, tokenizer = tiny_model(seed=1)
+    distributed.prepare_training(model, shard_parameters=True)
     engine = distributed.ShardedEngine(RolloutEngine(model.eval(), tokenizer, sandbox))
     problems = tasks.train_split(3)
     requests = [RolloutRequest(encode_prompt(tokenizer, "tiny", p.question, tools=True), 4) for p in problems]
@@ -77,7 +99,7 @@ def rl_step(out: Path, sandbox) -> None:
     optimizer = build_optimizer(model.parameters(), 1e-3)
     attach_old_logprobs(model, samples, config, tokenizer.pad_token_id)
     train_on_samples(model, optimizer, samples, config, tokenizer.pad_token_id, seed=0)
-    save(out / "rl.pt", {n: p.detach().clone() for n, p in model.named_parameters()})
+    save(out / "rl.pt", whole_weights(model))
 
 
 def tirgen_and_eval(out: Path, sandbox) -> None:
@@ -95,6 +117,7 @@ def tirgen_and_eval(out: Path, sandbox) -> None:
 def sft_run(out: Path, resume: bool, kill_at: int | None) -> None:
     """6 SFT steps, a checkpoint after each; with `kill_at`, rank 1 SIGKILLs itself after that step."""
     model, tokenizer = tiny_model()
+    distributed.prepare_training(model, shard_parameters=True)
     examples = full_text_examples(tokenizer, tasks.train_split(24))
     config = SFTConfig(lr=1e-3, max_steps=6, batch_size=4, eval_every=1, checkpoint_every=1, seed=0)
     steps = iter(range(1, 100))
@@ -133,6 +156,7 @@ def parity(out: Path) -> None:
             torch.manual_seed(100 + distributed.rank())
             out.mkdir(parents=True, exist_ok=True)
             sft_step(out)
+            sft_full_step(out)
             with Sandbox(workers=1, timeout=5.0) as sandbox:
                 rl_step(out, sandbox)
                 tirgen_and_eval(out, sandbox)

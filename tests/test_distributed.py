@@ -5,7 +5,8 @@
 The scenarios live in tests/distributed_worker.py; the 1-process reference runs in this process (world size 1
 is the same code path), the 2-rank run under `torchrun --standalone --nproc_per_node 2`. Tolerances: 2 ranks
 sum the gradient of each half-batch, so parameters agree to float32 summation order, not bit for bit
-(measured max |diff| ~1e-7 after SFT, ~3e-6 after RL with lr 1e-3; asserted 1e-5); sampled tokens and
+(measured max |diff| ~1e-7 after SFT, ~3e-6 after RL with lr 1e-3; asserted 1e-5). Full fine-tuning runs
+sharded by FSDP2 on the 2 ranks, LoRA replicated; sampled tokens and
 written files must be identical.
 """
 
@@ -53,6 +54,17 @@ def max_difference(one: Path, two: Path, name: str) -> float:
 def test_one_sft_step_on_two_ranks_equals_one_process(runs):
     difference = max_difference(*runs, "sft.pt")
     assert difference < TOLERANCE, f"LoRA parameters after one SFT step differ by {difference:.2e}"
+
+
+def test_one_full_fine_tuning_sft_step_on_two_fsdp2_ranks_equals_one_process(runs):
+    difference = max_difference(*runs, "sft-full.pt")
+    assert difference < TOLERANCE, f"parameters after one FSDP2 SFT step differ by {difference:.2e}"
+
+
+def test_full_fine_tuning_shards_the_parameters_over_the_ranks(runs):
+    one, two = (json.loads((run / "sharding.json").read_text()) for run in runs)
+    assert one["local"] == one["whole"], "one process holds every weight"
+    assert two["local"] <= 0.55 * two["whole"], f"FSDP2 rank 0 must hold about half the weights: {two}"
 
 
 def test_one_rl_step_with_step_level_samples_on_two_ranks_equals_one_process(runs):

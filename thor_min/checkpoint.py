@@ -9,7 +9,9 @@ position, anything the trainer needs to continue). Writing order makes a SIGKILL
 4. older checkpoints are deleted (beyond `keep`), as are half-written `.tmp` dirs and later-step ones left
    by an earlier run of the same directory; never the one just written.
 `load_latest` follows `latest`, so a half-written checkpoint is never read, and a run killed mid-step
-loses at most the step in flight. With several ranks only rank 0 writes (the state is replicated).
+loses at most the step in flight. With several ranks only rank 0 writes: the state is replicated, or (FSDP2)
+gathered whole to rank 0 first. Weights and optimiser state are keyed by parameter name, so a checkpoint
+resumes on any number of ranks, sharded or not.
 Limits: one process writes a directory at a time; weights are saved with
 `torch.save` (safetensors for adapters is `thor_min.lora.save_lora`'s job, for export).
 """
@@ -39,17 +41,23 @@ def _trainable_state(model) -> dict:
     return lora_state_dict(model) if lora_layers(model) else model.state_dict()
 
 
-@distributed.rank_zero_writes
 def save_checkpoint(directory: str | Path, *, model, optimizer, step: int, state: dict, keep: int = 1) -> Path:
-    """Atomically write checkpoint `step` under `directory` and make it the latest."""
-    directory = Path(directory)
+    """Atomically write checkpoint `step` under `directory` and make it the latest. Every rank calls it: an
+    FSDP2 model's weights and optimiser state are gathered whole to rank 0, which writes."""
+    weights = lora_state_dict(model) if lora_layers(model) else distributed.full_weights(model)
+    optimizer_state = distributed.full_optimizer_state(model, optimizer)
+    return _write(Path(directory), weights, optimizer_state, step, state, keep)
+
+
+@distributed.rank_zero_writes
+def _write(directory: Path, weights: dict, optimizer_state: dict, step: int, state: dict, keep: int) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"ckpt-{step:07d}"
     temp = directory / f"ckpt-{step:07d}.tmp"
     shutil.rmtree(temp, ignore_errors=True)
     temp.mkdir()
-    torch.save(_trainable_state(model), temp / "model.pt")
-    torch.save(optimizer.state_dict(), temp / "optimizer.pt")
+    torch.save(weights, temp / "model.pt")
+    torch.save(optimizer_state, temp / "optimizer.pt")
     torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, temp / "rng.pt")
     (temp / "state.json").write_text(json.dumps({"step": step, "state": state}))
     shutil.rmtree(final, ignore_errors=True)
@@ -88,8 +96,8 @@ def load_latest(directory: str | Path, *, model, optimizer) -> Checkpoint | None
     if missing or unexpected or wrong_shape:
         raise RuntimeError(f"checkpoint {path} does not match the model (missing {missing[:3]}, "
                            f"unexpected {unexpected[:3]}, wrong shape {sorted(wrong_shape)[:3]})")
-    model.load_state_dict(weights, strict=False)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    distributed.load_full_state(model, optimizer, weights, optimizer_state)
     rng = torch.load(path / "rng.pt", weights_only=False)
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])

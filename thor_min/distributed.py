@@ -13,20 +13,35 @@ problem stream, filters, batch order and step-level choices); only the expensive
   file rank 0 wrote can be read next); `on_rank_zero` ones (log lines, metrics) skip the barrier.
 One process (no torchrun) is world size 1 through the same code: the shard is everything, gather and sums
 return their input unchanged, so single-process numerics are bit-identical to code without this module.
-Why an explicit gradient all-reduce and not DDP: DDP averages gradients and needs every rank to run the same
-number of synchronised backward passes, but after the filters one rank may have more micro-batches than
-another (or none in a minibatch); one all-reduce of the accumulated gradients per optimiser step is what DDP
-with `no_sync()` on all but the last micro-batch would send. Limits: parameters are replicated on every rank
-(LoRA and full fine-tuning alike; no FSDP sharding), gradients are reduced tensor by tensor (no buckets), and
-every rank holds all rollouts of a step (they are small next to the model).
+Two ways to hold the weights (`prepare_training`):
+- LoRA (the presets' default): weights replicated, the adapters' gradients all-reduced by `sum_gradients` once
+  per optimiser step. Why an explicit all-reduce and not DDP: DDP needs every rank to run the same number of
+  synchronised backward passes, but after the filters one rank may have more micro-batches than another (or
+  none in a minibatch); one all-reduce of the accumulated gradients is what DDP with `no_sync()` on all but
+  the last micro-batch would send, for adapters that are a few MB.
+- full fine-tuning (`--lora-rank 0`): FSDP2 (`fully_shard` per decoder layer, then the root), so parameters,
+  gradients and AdamW state are split 1/N per rank. Every FSDP2 forward all-gathers a layer's weights and
+  every backward reduce-scatters its gradients, collectives all ranks must join, hence `lockstep`: ranks with
+  fewer micro-batches add zero-weight passes. Generation cannot be made lockstep (each rank decodes a different
+  number of steps, with tool calls in between), so `gathered` unshards the whole model once for a generation
+  call (`ShardedEngine.generate`) and reshards it after: during rollouts a rank holds the full weights, as
+  FSDP-based RL trainers do when they hand weights to their inference engine. Checkpoints and saved models
+  are the full state dict, gathered to rank 0 (`full_weights`, `full_optimizer_state`).
+Limits: gradients of replicated models are reduced tensor by tensor (no buckets); every rank holds all
+rollouts of a step (they are small next to the model); FSDP2 shards over one flat mesh (no hybrid sharding).
 """
 
+import contextlib
 import datetime
 import functools
 import os
+import types
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
 
 def world_size() -> int:
@@ -106,11 +121,12 @@ def all_sum(values: list[float]) -> list[float]:
     return total.tolist()
 
 
-def sum_gradients(parameters) -> None:
-    """Add every trainable parameter's gradient over ranks (a rank without micro-batches sends zeros)."""
-    if world_size() == 1:
+def sum_gradients(model) -> None:
+    """Add every trainable parameter's gradient over ranks (a rank without micro-batches sends zeros).
+    An FSDP2 model's backward has already summed them (reduce-scatter)."""
+    if world_size() == 1 or is_sharded(model):
         return
-    for parameter in parameters:
+    for parameter in model.parameters():
         if parameter.requires_grad:
             if parameter.grad is None:
                 parameter.grad = torch.zeros_like(parameter)
@@ -124,6 +140,95 @@ def broadcast_parameters(model) -> None:
     with torch.no_grad():
         for tensor in list(model.parameters()) + list(model.buffers()):
             dist.broadcast(tensor.data, src=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Full fine-tuning: FSDP2
+
+
+def prepare_training(model, shard_parameters: bool) -> None:
+    """Make every rank start from rank 0's weights; with `shard_parameters` (full fine-tuning) and several ranks,
+    shard the model in place with FSDP2: each decoder layer is one all-gather unit, the root holds the rest
+    (embeddings, final norm, a tied head). Gradients are summed, not averaged, over ranks: each rank's loss is
+    already divided by the GLOBAL token count (and gloo has no pre-multiplied sum, hence the plain-sum flag)."""
+    broadcast_parameters(model)
+    if world_size() == 1 or not shard_parameters:
+        return
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    for module in _sharded_modules(model):
+        module.set_gradient_divide_factor(1.0)
+        module.set_force_sum_reduction_for_comms(True)
+    model.run_as_forward = types.MethodType(lambda _, function, *args: function(*args), model)
+    register_fsdp_forward_method(model, "run_as_forward")
+
+
+def as_forward(model, function, *args):
+    """`function(*args)` as if it were `model`'s forward. For an FSDP2 model that means under the root's hooks:
+    the root's weights (embeddings, final norm, head) gathered before, their gradients reduce-scattered in the
+    backward. Code that reads them directly, like the fused log-prob function with lm_head's weight, needs it."""
+    method = getattr(model, "run_as_forward", None)
+    return method(function, *args) if method is not None else function(*args)
+
+
+def is_sharded(model) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+def _sharded_modules(model) -> list:
+    return [module for module in model.modules() if isinstance(module, FSDPModule)]
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """The whole of an FSDP2 model's weights on this rank for the body, with no collectives in its forwards (so
+    ranks may run different numbers of them); resharded on exit. Does nothing to any other model."""
+    modules = _sharded_modules(model)
+    for module in modules:
+        module.unshard()
+        module.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.reshard()
+            module.set_reshard_after_forward(True, recurse=False)
+
+
+def lockstep(model, groups: list[list[int]], spare: list[int]) -> list[tuple[list[int], bool]]:
+    """This rank's micro-batches as (indices, real). For an FSDP2 model every rank must make the same number of
+    forward/backward passes, so a rank with fewer appends (spare, False): passes whose loss it multiplies by 0."""
+    passes = [(group, True) for group in groups]
+    if not is_sharded(model):
+        return passes
+    most = max(gather([len(groups)]))
+    return passes + [(spare, False)] * (most - len(groups))
+
+
+_WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_weights(model) -> dict:
+    """The model's state dict with whole tensors. FSDP2: gathered, a collective every rank joins; rank 0 gets
+    the dict, the others an empty one (only rank 0 writes)."""
+    return get_model_state_dict(model, options=_WHOLE) if is_sharded(model) else model.state_dict()
+
+
+def full_optimizer_state(model, optimizer) -> dict:
+    """The optimiser's state keyed by parameter name (not position), with whole tensors (gathered as above):
+    the same form for a replicated and a sharded model, so a checkpoint resumes on any number of ranks."""
+    return get_optimizer_state_dict(model, optimizer, options=_WHOLE)
+
+
+def load_full_state(model, optimizer, weights: dict, optimizer_state: dict) -> None:
+    """Load what `full_weights`/`full_optimizer_state` returned (read from a checkpoint on every rank); with
+    FSDP2 each rank keeps its shard."""
+    if is_sharded(model):
+        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        model.load_state_dict(weights, strict=False)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,7 +275,8 @@ class RankZeroOnly:
 
 
 class ShardedEngine:
-    """A `RolloutEngine` whose `generate` splits the requests over ranks and returns all rollouts everywhere.
+    """A `RolloutEngine` whose `generate` splits the requests over ranks and returns all rollouts everywhere
+    (an FSDP2 model is `gathered` for the call).
 
     Row (request r, sample s) draws from the stream seeded by (seed, r, s) with r the global index, so the
     rollouts equal one process's whatever the world size."""
@@ -183,6 +289,7 @@ class ShardedEngine:
 
     def generate(self, requests, config, *, seed: int = 0, progress=None):
         share = shard_range(len(requests))
-        local = self.engine.generate(requests[share.start:share.stop], config, seed=seed, progress=progress,
-                                     first_request=share.start)
+        with gathered(self.engine.model):
+            local = self.engine.generate(requests[share.start:share.stop], config, seed=seed, progress=progress,
+                                         first_request=share.start)
         return gather(local)

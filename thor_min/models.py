@@ -187,14 +187,15 @@ def load_model(name: str, *, device: str = "auto", dtype: str = "auto", load_in_
     return model, tokenizer
 
 
-def save_model_dir(model, tokenizer, out_dir: str | Path, template: str) -> Path:
-    """`save_pretrained` model and tokenizer, plus `thor_min.json` naming the prompt template."""
+def save_model_dir(model, tokenizer, out_dir: str | Path, template: str, state_dict: dict | None = None) -> Path:
+    """`save_pretrained` model and tokenizer, plus `thor_min.json` naming the prompt template (`state_dict`:
+    whole weights to write instead of the model's own, e.g. gathered from an FSDP2-sharded model)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
+    model.save_pretrained(out_dir, state_dict=state_dict)
     tokenizer.save_pretrained(out_dir)
     write_metadata(out_dir, template)
     return out_dir

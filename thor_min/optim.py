@@ -40,7 +40,8 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def guarded_step(optimizer: torch.optim.Optimizer, loss_value: float, max_grad_norm: float = 1.0) -> tuple[bool, float]:
     """Clip and step unless the loss or the gradients are not finite. Returns (stepped, grad_norm)."""
     parameters = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)) if parameters else 0.0
+    norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm) if parameters else torch.zeros(())
+    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)   # FSDP2: a DTensor
     stepped = math.isfinite(loss_value) and math.isfinite(grad_norm)
     if stepped:
         optimizer.step()

@@ -226,8 +226,11 @@ def attach_old_logprobs(model, samples: list[TrainSample], config: RLConfig, pad
     lengths = [len(s.ids) for s in samples]
     entropy_sum, tokens, scored = 0.0, 0, []
     indices = list(range(len(samples))) if indices is None else indices
-    for group in micro_batches(lengths, distributed.shard(indices), config.micro_batch_tokens):
+    groups = micro_batches(lengths, distributed.shard(indices), config.micro_batch_tokens)
+    for group, real in distributed.lockstep(model, groups, spare=indices[:1]):
         _, (logp, entropy) = _score(model, samples, group, pad_id, entropy=True)
+        if not real:
+            continue
         offset = 0
         for i in group:
             count = sum(samples[i].loss_mask)
@@ -257,7 +260,11 @@ def train_on_samples(model, optimizer, samples: list[TrainSample], config: RLCon
     for index, part in enumerate(parts):
         num_tokens = sum(sum(samples[i].loss_mask) for i in part)
         loss_value = 0.0
-        for group in micro_batches(lengths, distributed.shard(part), config.micro_batch_tokens):
+        groups = micro_batches(lengths, distributed.shard(part), config.micro_batch_tokens)
+        for group, real in distributed.lockstep(model, groups, spare=part[:1]):
+            if not real:         # FSDP2: a zero-weight pass, so that this rank joins the others' collectives
+                (_score(model, samples, group, pad_id)[1].sum() * 0.0).backward()
+                continue
             if index == 0:
                 batch, (logp, entropy) = _score(model, samples, group, pad_id, entropy=True)
                 old = logp.detach()
@@ -276,7 +283,7 @@ def train_on_samples(model, optimizer, samples: list[TrainSample], config: RLCon
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + value * metrics.get("num_tokens", 1.0)
         # each rank scored its share of `part` over the part's global token count: sums = the 1-process step
-        distributed.sum_gradients(model.parameters())
+        distributed.sum_gradients(model)
         stepped, _ = guarded_step(optimizer, distributed.all_sum([loss_value])[0], config.max_grad_norm)
         skipped += not stepped
     model.eval()

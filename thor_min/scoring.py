@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from thor_min import distributed
 from thor_min.logprobs import token_logprobs
 
 # What one more forward/backward call costs, in padded tokens of work: ~20 ms of fixed cost per call for the
@@ -57,6 +58,10 @@ def pad_batch(sequences: list[list[int]], target_masks: list[list[int]], pad_id:
 def sequence_logprobs(model, batch: TokenBatch, temperature: float = 1.0,
                       return_entropy: bool = False):
     """Log-probs `[N]` of the scored tokens of `batch` (row-major order), optionally with entropies `[N]`."""
+    return distributed.as_forward(model, _scored_logprobs, model, batch, temperature, return_entropy)
+
+
+def _scored_logprobs(model, batch: TokenBatch, temperature: float, return_entropy: bool):
     hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
     scored = batch.target_mask[:, 1:]                                  # [B, T-1]: position t predicts t + 1
     hidden = hidden[:, :-1][scored]                                    # [N, H]

@@ -131,11 +131,12 @@ def backward_batch(model, examples: list[TokenizedExample], indices: list[int], 
     gradients and loss are summed over ranks: the same update as one process scoring the whole batch."""
     num_targets = sum(sum(examples[i].loss_mask[1:]) for i in indices)
     loss_value = 0.0
-    for group in micro_batches(lengths, distributed.shard(indices), micro_batch_tokens):
+    groups = micro_batches(lengths, distributed.shard(indices), micro_batch_tokens)
+    for group, real in distributed.lockstep(model, groups, spare=indices[:1]):
         nll, _ = batch_nll(model, examples, group, pad_id, model.device)
-        (nll / num_targets).backward()
-        loss_value += float(nll.detach()) / num_targets
-    distributed.sum_gradients(model.parameters())
+        (nll * (float(real) / num_targets)).backward()
+        loss_value += float(real) * float(nll.detach()) / num_targets
+    distributed.sum_gradients(model)
     return distributed.all_sum([loss_value])[0]
 
 
@@ -227,7 +228,7 @@ def full_text_examples(tokenizer, problems: list) -> list[TokenizedExample]:
 
 def format_monitor(model, tokenizer, problems: list):
     """A callable returning {"restate_rate": ...}: how often greedy answers copy the question's numbers."""
-    engine = RolloutEngine(model, tokenizer)
+    engine = distributed.ShardedEngine(RolloutEngine(model, tokenizer))
     requests = [RolloutRequest(encode_prompt(tokenizer, "tiny", p.question, tools=False)) for p in problems]
     config = SamplingConfig(max_new_tokens=48, temperature=0.0, max_tool_calls=0, batch_size=len(problems))
 
