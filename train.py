@@ -71,6 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     pretrain.add_argument("--pretrain-lr", type=float, help="peak pretraining learning rate")
     pretrain.add_argument("--pretrain-seed", type=int, help="seed of the tiny base (default: the preset's; tiny: 2)")
     pretrain.add_argument("--pretrain-batch", type=int, help="packed blocks per pretraining step")
+    pretrain.add_argument("--tiny-base", choices=("shipped", "train"),
+                          help="shipped (default): start from thor_min/assets/tiny-base, pretrained with the preset's "
+                               "settings (other settings train a new base); train: always pretrain")
     tirgen = parser.add_argument_group("TIRGen")
     tirgen.add_argument("--critic", help="rule, or an instruct model alias / hub id / directory")
     tirgen.add_argument("--tirgen-problems", type=int, help="problems to generate data for")
@@ -114,6 +117,7 @@ def build_run(args):
                       cpu_threads=args.cpu_threads, rl_max_new_tokens=args.max_new_tokens, eval_max_new_tokens=args.max_new_tokens, critic=args.critic,
                       checkpoint_every=args.checkpoint_every, pretrain_steps=args.pretrain_steps,
                       pretrain_lr=args.pretrain_lr, pretrain_batch=args.pretrain_batch, pretrain_seed=args.pretrain_seed,
+                      tiny_base=args.tiny_base,
                       tirgen_problems=args.tirgen_problems, tirgen_attempts=args.tirgen_attempts,
                       tirgen_code_filter=args.tirgen_code_filter, sft_lr=args.sft_lr, sft_epochs=args.sft_epochs,
                       sft_train_on_outputs=args.sft_train_on_outputs, rl_steps=args.rl_steps,

@@ -128,3 +128,41 @@ def test_plain_cot_sft_uses_the_references_of_the_tirgen_problems(tmp_path, toke
     for problem, text in zip(problems[2:5], texts):
         assert text.endswith(problem.reference), f"plain SFT must train on the problem's reference: {text!r}"
         assert "```python" not in text, "plain SFT must not see the tool samples"
+
+
+def test_the_shipped_base_was_pretrained_with_the_tiny_presets_settings():
+    from thor_min.pipeline import uses_shipped_base
+
+    assert uses_shipped_base(PRESETS["tiny"], PRESETS["tiny"].pretrain_seed), \
+        "thor_min/assets/tiny-base must be rebuilt (--tiny-base train, then copy OUT/base) when the preset changes"
+
+
+def test_the_shipped_tokenizer_is_the_one_the_tiny_world_builds():
+    from thor_min import tiny
+    from thor_min.models import load_tokenizer
+    from thor_min.pipeline import SHIPPED_BASE
+
+    assert load_tokenizer(str(SHIPPED_BASE)).get_vocab() == tiny.build_tokenizer().get_vocab(), \
+        "the tiny world's corpus changed since the base was pretrained: rebuild thor_min/assets/tiny-base"
+
+
+def test_a_tiny_run_starts_from_the_shipped_base(tmp_path):
+    from thor_min.pipeline import SHIPPED_BASE, Run, stage_pretrain
+
+    run = Run(preset=PRESETS["tiny"], out=tmp_path)
+    stage_pretrain(run)
+    copied = (tmp_path / "base" / "model.safetensors").read_bytes()
+    assert copied == (SHIPPED_BASE / "model.safetensors").read_bytes(), "the run's base must be the shipped bytes"
+    recorded = json.loads((tmp_path / "stages.json").read_text())["pretrain"]
+    assert recorded["shipped"] and recorded["steps"] == 1200, f"stages.json must say where the base came from: {recorded}"
+
+
+@pytest.mark.parametrize("change", [{"pretrain_steps": 5}, {"pretrain_seed": 0}, {"micro_batch_tokens": 4096},
+                                    {"tiny_base": "train"}])
+def test_other_pretraining_settings_do_not_use_the_shipped_base(change):
+    from dataclasses import replace
+
+    from thor_min.pipeline import uses_shipped_base
+
+    preset = replace(PRESETS["tiny"], **change)
+    assert not uses_shipped_base(preset, preset.pretrain_seed), f"{change}: then the run must pretrain its own base"

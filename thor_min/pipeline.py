@@ -134,13 +134,20 @@ def load_policy(run: Run, name: str, trainable: bool):
         tokenizer = load_tokenizer(name)
     elif trainable and preset.lora_rank > 0:
         apply_lora(model, preset.lora_rank, preset.lora_alpha)
-    distributed.broadcast_parameters(model)   # every rank starts from rank 0's weights (LoRA init is random)
+    # every rank starts from rank 0's weights (LoRA init is random); full fine-tuning on several ranks: FSDP2
+    distributed.prepare_training(model, shard_parameters=trainable and not adapter and preset.lora_rank == 0)
     return model, tokenizer
 
 
-@distributed.rank_zero_writes
 def save_policy(run: Run, model, tokenizer, name: str) -> Path:
-    """Write a loadable model directory atomically (LoRA adapters merged into a dense copy)."""
+    """Write a loadable model directory atomically (LoRA adapters merged into a dense copy). Every rank calls
+    it: an FSDP2 model's weights are gathered to rank 0 first, and rank 0 writes."""
+    weights = distributed.full_weights(model) if distributed.is_sharded(model) else None
+    return _write_policy(run, model, tokenizer, name, weights)
+
+
+@distributed.rank_zero_writes
+def _write_policy(run: Run, model, tokenizer, name: str, weights: dict | None) -> Path:
     from thor_min.lora import export_merged, lora_layers, save_lora
 
     target, temp = run.model_dir(name), run.model_dir(name + ".tmp")
@@ -156,7 +163,7 @@ def save_policy(run: Run, model, tokenizer, name: str) -> Path:
                      "adapter": {"file": ADAPTER_FILE, "rank": layer.rank, "alpha": layer.alpha}}
         write_metadata(temp, run.template(tokenizer), **facts)
     else:
-        save_model_dir(model, tokenizer, temp, run.template(tokenizer))
+        save_model_dir(model, tokenizer, temp, run.template(tokenizer), state_dict=weights)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(temp, target)
     return target
@@ -209,6 +216,8 @@ def stage_pretrain(run: Run) -> None:
         return say("pretrain: done already (OUT/base), skipping")
     preset, started = run.preset, time.time()
     seed = run.seed if preset.pretrain_seed is None else preset.pretrain_seed
+    if uses_shipped_base(preset, seed):
+        return copy_shipped_base(run, started)
     say(f"pretrain: tiny Qwen2 model on plain chain-of-thought, {preset.pretrain_steps} steps (seed {seed})")
     torch.manual_seed(seed)
     tokenizer = tiny.build_tokenizer()
@@ -220,15 +229,56 @@ def stage_pretrain(run: Run) -> None:
                        checkpoint_every=preset.checkpoint_every, micro_batch_tokens=preset.micro_batch_tokens,
                        seed=seed)
     packed = pack_examples(full_text_examples(tokenizer, corpus), preset.pretrain_block_tokens)
+    monitor = format_monitor(model, tokenizer, held_out)
     summary = train_sft(model, tokenizer, packed, full_text_examples(tokenizer, held_out),
                         config, log=run.log, stage="pretrain", checkpoint_dir=run.out / "checkpoints" / "pretrain",
-                        resume=run.resume, monitor=format_monitor(model, tokenizer, held_out))
+                        resume=run.resume, monitor=monitor)
     save_policy(run, model, tokenizer, "base")
-    restated = [row["restate_rate"] for row in run.log.rows() if row["stage"] == "pretrain" and "restate_rate" in row]
+    restated = monitor()["restate_rate"]   # the final base's (greedy: the value of the last check), on every rank
     say(f"pretrain: {summary['steps']} steps, held-out loss {summary['final_eval_loss']:.3f}, "
-        f"restates {restated[-1]:.0%} of held-out questions")
-    record_stage(run, "pretrain", time.time() - started, steps=summary["steps"], eval_loss=summary["final_eval_loss"],
-                 restate_rate=restated[-1])
+        f"restates {restated:.0%} of held-out questions")
+    facts = {"steps": summary["steps"], "eval_loss": summary["final_eval_loss"], "restate_rate": restated}
+    write_pretraining_record(run, pretraining_settings(preset, seed), facts, time.time() - started)
+    record_stage(run, "pretrain", time.time() - started, **facts)
+
+
+SHIPPED_BASE = Path(__file__).parent / "assets" / "tiny-base"
+PRETRAINING_RECORD = "pretraining.json"   # in a tiny base directory: how it was pretrained, where, how long
+
+
+def pretraining_settings(preset: Preset, seed: int) -> dict:
+    """Everything the tiny base depends on that a flag can change (the recipe, not the code)."""
+    return {"steps": preset.pretrain_steps, "seed": seed, "lr": preset.pretrain_lr, "batch": preset.pretrain_batch,
+            "block_tokens": preset.pretrain_block_tokens, "check_every": preset.pretrain_check_every,
+            "model": asdict(tiny.TinyModelSize()), "micro_batch_tokens": preset.micro_batch_tokens}
+
+
+def uses_shipped_base(preset: Preset, seed: int) -> bool:
+    """--tiny-base shipped, and the shipped base was pretrained with exactly these settings (a flag that changes
+    them trains a new base)."""
+    record = SHIPPED_BASE / PRETRAINING_RECORD
+    return (preset.tiny_base == "shipped" and record.is_file()
+            and json.loads(record.read_text())["settings"] == pretraining_settings(preset, seed))
+
+
+@distributed.rank_zero_writes
+def write_pretraining_record(run: Run, settings: dict, facts: dict, seconds: float) -> None:
+    from thor_min.report import machine_name
+
+    record = {"settings": settings, **facts, "seconds": round(seconds, 1), "machine": machine_name(),
+              "torch": torch.__version__}
+    (run.model_dir("base") / PRETRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def copy_shipped_base(run: Run, started: float) -> None:
+    """Start from the base that ships with thor-min, as a Qwen run starts from the hub's weights: the same bytes
+    on every machine (pretrained again elsewhere, float rounding would give another base, and another run)."""
+    distributed.rank_zero_writes(shutil.copytree)(SHIPPED_BASE, run.model_dir("base"), dirs_exist_ok=True)
+    record = json.loads((SHIPPED_BASE / PRETRAINING_RECORD).read_text())
+    say(f"pretrain: the shipped base (thor_min/assets/tiny-base: {record['settings']['steps']} steps, "
+        f"{record['seconds'] / 60:.1f} min on {record['machine']}); --tiny-base train pretrains it again")
+    record_stage(run, "pretrain", time.time() - started, shipped=True,
+                 **{key: record[key] for key in ("steps", "eval_loss", "restate_rate")})
 
 
 def solved_by_cot(engine, problems: list[Problem], template: str, max_new_tokens: int, batch_size: int) -> set[str]:
