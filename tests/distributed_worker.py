@@ -1,7 +1,7 @@
 """The stage code of one test scenario, run alone (world size 1) or under `torchrun --nproc_per_node 2`.
 
     python tests/distributed_worker.py parity OUT          # or: torchrun --standalone --nproc_per_node 2 ...
-    python tests/distributed_worker.py sft OUT [--resume] [--kill-rank1-at STEP]
+    python tests/distributed_worker.py sft OUT [--resume] [--kill-rank1-at STEP] [--steps N]
 
 `parity` writes, from rank 0 only: sft.pt, sft-full.pt and rl.pt (the parameters after one SFT step with LoRA,
 one of full fine-tuning, and one RL step of full fine-tuning on a mixed trajectory + step-level batch; full
@@ -114,12 +114,12 @@ def tirgen_and_eval(out: Path, sandbox) -> None:
     stage_eval(run)
 
 
-def sft_run(out: Path, resume: bool, kill_at: int | None) -> None:
-    """6 SFT steps, a checkpoint after each; with `kill_at`, rank 1 SIGKILLs itself after that step."""
+def sft_run(out: Path, resume: bool, kill_at: int | None, total_steps: int = 6) -> None:
+    """`total_steps` SFT steps, a checkpoint after each; with `kill_at`, rank 1 SIGKILLs itself after that step."""
     model, tokenizer = tiny_model()
     distributed.prepare_training(model, shard_parameters=True)
     examples = full_text_examples(tokenizer, tasks.train_split(24))
-    config = SFTConfig(lr=1e-3, max_steps=6, batch_size=4, eval_every=1, checkpoint_every=1, seed=0)
+    config = SFTConfig(lr=1e-3, max_steps=total_steps, batch_size=4, eval_every=1, checkpoint_every=1, seed=0)
     steps = iter(range(1, 100))
 
     def monitor() -> dict:   # called after every step (eval_every=1)
@@ -137,12 +137,13 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--kill-rank1-at", type=int)
+    parser.add_argument("--steps", type=int, default=6)
     args = parser.parse_args()
     distributed.setup(timeout_minutes=1.0)
     if args.mode == "parity":
         parity(args.out)
     else:
-        sft_run(args.out, args.resume, args.kill_rank1_at)
+        sft_run(args.out, args.resume, args.kill_rank1_at, args.steps)
     distributed.teardown()
 
 

@@ -99,7 +99,7 @@ def test_summary_records_the_world_size_and_the_same_rows(runs):
     assert two["stages"]["eval"]["world_size"] == 2, "stages.json records the world size per stage"
 
 
-def test_a_killed_rank_ends_the_run_and_resume_continues(tmp_path):
+def test_a_killed_rank_ends_the_run_and_resume_continues_on_any_number_of_ranks(tmp_path):
     started = time.time()
     result = torchrun("sft", tmp_path, "--kill-rank1-at", 3, timeout=120)
     seconds = time.time() - started
@@ -108,6 +108,10 @@ def test_a_killed_rank_ends_the_run_and_resume_continues(tmp_path):
     latest = (tmp_path / "checkpoints" / "latest").read_text().strip()
     assert latest in ("ckpt-0000002", "ckpt-0000003"), f"checkpoint {latest}: at most the step in flight is lost"
     logged = len((tmp_path / "metrics.jsonl").read_text().splitlines())
+    # the 2-rank FSDP2 checkpoint resumes in one process (to step 4), and that one on 2 ranks again (to 6)
+    alone = subprocess.run([sys.executable, str(WORKER), "sft", str(tmp_path), "--resume", "--steps", "4"],
+                           cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    assert alone.returncode == 0, f"--resume in one process failed: {alone.stderr[-3000:]}"
     resumed = torchrun("sft", tmp_path, "--resume")
     assert resumed.returncode == 0, f"--resume failed: {resumed.stderr[-3000:]}"
     rows = (tmp_path / "metrics.jsonl").read_text().splitlines()[logged:]
