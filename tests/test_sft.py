@@ -10,8 +10,8 @@ from thor_min import tasks, tiny
 from thor_min.metrics import MetricsLog
 from thor_min.models import build_prompt
 from thor_min.scoring import pad_batch
-from thor_min.sft import (SFTConfig, TokenizedExample, _batches, evaluate_loss, pack_examples, tokenize_example,
-                          train_sft)
+from thor_min.sft import (SFTConfig, TokenizedExample, _batches, evaluate_loss, full_text_examples, pack_examples,
+                          tokenize_example, train_sft)
 from thor_min.trajectory import observation_block, split_segments
 
 SIZE = tiny.TinyModelSize(hidden_size=64, num_layers=2, intermediate_size=128, num_heads=4, num_kv_heads=2)
@@ -290,3 +290,13 @@ def test_padding_batch_helper_matches_examples(tokenizer, data):
     examples = data[0][:3]
     batch = pad_batch([e.ids for e in examples], [e.loss_mask for e in examples], tokenizer.pad_token_id)
     assert batch.num_targets == sum(sum(e.loss_mask[1:]) for e in examples), "scored tokens != masked tokens"
+
+
+def test_the_batched_pretraining_corpus_has_the_ids_of_one_example_at_a_time():
+    tokenizer = tiny.build_tokenizer()
+    problems = tasks.train_split(200)
+    batched = full_text_examples(tokenizer, problems)
+    for example, problem in zip(batched, problems):
+        single = tokenize_example(tokenizer, build_prompt("tiny", problem.question, tools=False), problem.reference)
+        assert example.ids == single.ids, f"batched encoding changed the ids of {problem.id}"
+        assert example.loss_mask == [1] * len(single.ids), "every pretraining token is trained"

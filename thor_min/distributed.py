@@ -35,13 +35,11 @@ import contextlib
 import datetime
 import functools
 import os
+import sys
 import types
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
-from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
 
 def world_size() -> int:
@@ -154,6 +152,8 @@ def prepare_training(model, shard_parameters: bool) -> None:
     broadcast_parameters(model)
     if world_size() == 1 or not shard_parameters:
         return
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method   # ~1 s of imports: only here
+
     for layer in model.model.layers:
         fully_shard(layer)
     fully_shard(model)
@@ -173,10 +173,16 @@ def as_forward(model, function, *args):
 
 
 def is_sharded(model) -> bool:
-    return isinstance(model, FSDPModule)
+    """Whether FSDP2 shards `model` (only `prepare_training` shards, and it is what imports FSDP)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
 
 
 def _sharded_modules(model) -> list:
+    if not is_sharded(model):
+        return []
+    from torch.distributed.fsdp import FSDPModule
+
     return [module for module in model.modules() if isinstance(module, FSDPModule)]
 
 
@@ -206,24 +212,30 @@ def lockstep(model, groups: list[list[int]], spare: list[int]) -> list[tuple[lis
     return passes + [(spare, False)] * (most - len(groups))
 
 
-_WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
 def full_weights(model) -> dict:
     """The model's state dict with whole tensors. FSDP2: gathered, a collective every rank joins; rank 0 gets
     the dict, the others an empty one (only rank 0 writes)."""
-    return get_model_state_dict(model, options=_WHOLE) if is_sharded(model) else model.state_dict()
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def full_optimizer_state(model, optimizer) -> dict:
     """The optimiser's state keyed by parameter name (not position), with whole tensors (gathered as above):
     the same form for a replicated and a sharded model, so a checkpoint resumes on any number of ranks."""
-    return get_optimizer_state_dict(model, optimizer, options=_WHOLE)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def load_full_state(model, optimizer, weights: dict, optimizer_state: dict) -> None:
     """Load what `full_weights`/`full_optimizer_state` returned (read from a checkpoint on every rank); with
     FSDP2 each rank keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
     if is_sharded(model):
         set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
     else:
