@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from thor_min.plot import (ablation_figure, curves_figure, plt, save_ablation, save_curves, save_templates, smooth,
+from thor_min.plot import (_pyplot, ablation_figure, curves_figure, save_ablation, save_curves, save_templates, smooth,
                            templates_figure)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -73,7 +73,7 @@ def test_curves_have_one_block_per_stage_family_in_order():
     figure = curves_figure(metrics_rows())
     titles = [subfigure._suptitle.get_text() for subfigure in figure.subfigs]
     assert titles == ["pretraining: pretrain", "cold-start SFT: sft", "RL: rl-traj, rl"], titles
-    plt.close(figure)
+    _pyplot().close(figure)
 
 
 def test_panels_of_a_block_share_their_x_axis():
@@ -83,7 +83,7 @@ def test_panels_of_a_block_share_their_x_axis():
     pretrain_loss = panel(figure, "pretraining", "loss")
     assert not reward.get_shared_x_axes().joined(reward, pretrain_loss), "blocks must not share x with each other"
     assert {axis.get_xlabel() for axis in figure.subfigs[2].axes if axis.get_visible()} >= {"step"}, "no step label"
-    plt.close(figure)
+    _pyplot().close(figure)
 
 
 def test_noisy_rl_series_are_smoothed_over_faint_raw_values():
@@ -94,7 +94,7 @@ def test_noisy_rl_series_are_smoothed_over_faint_raw_values():
     assert raw.get_alpha() < 0.5 and smoothed.get_alpha() in (None, 1.0), "raw values must be faint behind"
     assert list(smoothed.get_ydata()) == pytest.approx(smooth(list(raw.get_ydata()))), "the top line is smooth(raw)"
     assert smoothed.get_label() == "rl-traj" and raw.get_label().startswith("_"), "only the smoothed line is named"
-    plt.close(figure)
+    _pyplot().close(figure)
 
 
 def test_sparse_evaluations_are_drawn_as_points():
@@ -102,7 +102,7 @@ def test_sparse_evaluations_are_drawn_as_points():
     lines = panel(figure, "RL", "greedy accuracy (held out)").get_lines()
     assert [list(line.get_xdata()) for line in lines] == [[0, 40], [0, 40]], "eval points at steps 0 and 40"
     assert all(line.get_marker() == "o" for line in lines), "sparse series need markers"
-    plt.close(figure)
+    _pyplot().close(figure)
 
 
 def test_two_metrics_in_one_panel_get_their_own_names():
@@ -110,13 +110,13 @@ def test_two_metrics_in_one_panel_get_their_own_names():
     labels = [line.get_label() for line in panel(figure, "RL", "cell pass rate").get_lines()]
     assert "rl step_pass_rate" in labels and "rl cell_pass_rate" in labels, labels
     assert "rl-traj step_pass_rate" not in labels, "a metric a stage never measured must not be drawn"
-    plt.close(figure)
+    _pyplot().close(figure)
 
 
 def test_an_unknown_stage_gets_one_panel_per_metric():
     figure = curves_figure([{"stage": "probe", "step": s, "b": s, "a": -s} for s in range(3)])
     assert [axis.get_title() for axis in figure.subfigs[0].axes if axis.get_visible()] == ["a", "b"]
-    plt.close(figure)
+    _pyplot().close(figure)
 
 
 def test_save_curves_writes_a_png_of_the_figure_size(tmp_path):
@@ -154,7 +154,7 @@ def test_ablation_bars_show_each_row_with_its_interval():
     assert matplotlib.colors.to_hex(bars[0].get_facecolor()) != matplotlib.colors.to_hex(bars[1].get_facecolor()), \
         "plain-CoT and tool rows must differ in color"
     assert axis.get_ylim() == (0, 100) and "Avg@4" in axis.get_title(), axis.get_title()
-    plt.close(figure)
+    _pyplot().close(figure)
 
 
 def test_template_map_has_a_cell_per_row_and_kind_held_out_last():
@@ -164,7 +164,7 @@ def test_template_map_has_a_cell_per_row_and_kind_held_out_last():
     data = np.asarray(axis.get_images()[0].get_array())
     assert np.allclose(data, [[0.0, 20.0, 5.0], [90.0, 30.0, 30.0]]), data
     assert [t.get_fontstyle() for t in axis.get_xticklabels()] == ["normal", "normal", "italic"], "mark held-out kinds"
-    plt.close(figure)
+    _pyplot().close(figure)
 
 
 def test_rows_without_kinds_give_no_template_map(tmp_path):

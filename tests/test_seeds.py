@@ -2,7 +2,6 @@
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -72,20 +71,23 @@ def test_finished_seeds_are_not_run_again_with_resume(tmp_path):
     assert not (tmp_path / "seed-0.log").exists(), "no seed was run again"
 
 
-def test_a_failed_seed_fails_the_study_and_writes_no_table(tmp_path):
-    result = subprocess.run([sys.executable, "train.py", "--seeds", "0", "--stage", "sft", "--out", str(tmp_path)],
-                            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 1 and "seeds 0 failed" in result.stderr, result.stderr[-1000:]
+def test_a_failed_seed_fails_the_study_and_writes_no_table(tmp_path, capfd):
+    # the study runs in this process (its seeds are train.py processes, as always)
+    assert train_cli.main(["--seeds", "0", "--stage", "sft", "--out", str(tmp_path)]) == 1, "a failed seed fails"
+    assert "seeds 0 failed" in capfd.readouterr().err, "the error names the failed seed"
     assert not (tmp_path / "seeds.md").exists(), "no table from a failed seed"
 
 
 @pytest.mark.slow
-def test_seeds_share_the_base_of_the_fixed_pretraining_seed(tmp_path):
-    # tiny budgets: the 3-step base yields no TIRGen data, so both seeds stop at SFT; the base is what is checked
-    result = subprocess.run([sys.executable, "train.py", "--seeds", "3", "4", "--jobs", "2", "--pretrain-steps", "3",
-                             "--tirgen-problems", "2", "--tirgen-attempts", "1", "--out", str(tmp_path)],
-                            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 1 and "seeds 3, 4 failed" in result.stderr, result.stderr[-2000:]
+def test_seeds_share_the_base_of_the_fixed_pretraining_seed(tmp_path, capfd, monkeypatch):
+    # tiny budgets: the 3-step base yields no TIRGen data, so both seeds stop at SFT; the base is what is checked.
+    # The study runs in this process; its pretraining and its seeds are train.py processes, as always.
+    for name, value in ENV.items():
+        monkeypatch.setenv(name, value)
+    code = train_cli.main(["--seeds", "3", "4", "--jobs", "2", "--pretrain-steps", "3", "--tirgen-problems", "2",
+                           "--tirgen-attempts", "1", "--out", str(tmp_path)])
+    errors = capfd.readouterr().err
+    assert code == 1 and "seeds 3, 4 failed" in errors, errors[-2000:]
     weights = [(tmp_path / f"seed-{s}" / "base" / "model.safetensors").read_bytes() for s in (3, 4)]
     assert weights[0] == weights[1], "every seed starts from the one shared base"
     for seed in (3, 4):

@@ -19,10 +19,17 @@ shows both points.
 import math
 from pathlib import Path
 
-import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, imported on first use: every process imports this module
+    (through the metrics log), few of them draw, and pyplot costs a quarter of a second to import."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
 
 SMOOTHING = 0.8          # EMA weight of the previous value (0 = raw, closer to 1 = smoother)
 SMOOTH_MIN_POINTS = 12   # shorter series are drawn raw
@@ -124,6 +131,7 @@ def draw_panel(axis, title: str, keys: tuple[str, ...], smoothed: bool, stages: 
 
 def curves_figure(rows: list[dict]):
     """The Figure of curves.png: one sub-figure per stage family, x shared within it. None without rows."""
+    plt = _pyplot()
     by_family: dict[str, dict[str, dict]] = {}
     for stage, metrics in series_of(rows).items():
         by_family.setdefault(stage_family(stage), {})[stage] = metrics
@@ -159,7 +167,7 @@ def save(figure, path: str | Path, dpi: int = 100) -> bool:
     path = Path(path)
     temp = path.with_name(path.name + ".tmp")
     figure.savefig(temp, dpi=dpi, format="png")
-    plt.close(figure)
+    _pyplot().close(figure)
     temp.replace(path)
     return True
 
@@ -171,6 +179,7 @@ def save_curves(path: str | Path, rows: list[dict]) -> bool:
 
 def ablation_figure(rows: list[dict], samples: int):
     """Accuracy (%) per ablation row with its 95% interval; tool-integrated rows blue, plain-CoT rows grey."""
+    plt = _pyplot()
     names = [row["name"] for row in rows]
     values = [100 * (row["accuracy"] if row["accuracy"] is not None else math.nan) for row in rows]
     lows = [max(0.0, value - 100 * row["ci95"][0]) for value, row in zip(values, rows)]
@@ -203,6 +212,7 @@ def kind_columns(rows: list[dict]) -> list[tuple[str, bool]]:
 
 def templates_figure(rows: list[dict]):
     """Heat map: accuracy (%) of each ablation row (y) on each problem kind (x). None when no kinds were recorded."""
+    plt = _pyplot()
     columns = kind_columns(rows)
     if not columns or not rows:
         return None
