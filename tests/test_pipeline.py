@@ -131,7 +131,7 @@ def test_plain_cot_sft_uses_the_references_of_the_tirgen_problems(tmp_path, toke
 
 
 def test_the_shipped_base_was_pretrained_with_the_tiny_presets_settings():
-    from thor_min.pipeline import uses_shipped_base
+    from thor_min.tiny import uses_shipped_base
 
     assert uses_shipped_base(PRESETS["tiny"], PRESETS["tiny"].pretrain_seed), \
         "thor_min/assets/tiny-base must be rebuilt (--tiny-base train, then copy OUT/base) when the preset changes"
@@ -140,14 +140,15 @@ def test_the_shipped_base_was_pretrained_with_the_tiny_presets_settings():
 def test_the_shipped_tokenizer_is_the_one_the_tiny_world_builds():
     from thor_min import tiny
     from thor_min.models import load_tokenizer
-    from thor_min.pipeline import SHIPPED_BASE
+    from thor_min.tiny import SHIPPED_BASE
 
     assert load_tokenizer(str(SHIPPED_BASE)).get_vocab() == tiny.build_tokenizer().get_vocab(), \
         "the tiny world's corpus changed since the base was pretrained: rebuild thor_min/assets/tiny-base"
 
 
 def test_a_tiny_run_starts_from_the_shipped_base(tmp_path):
-    from thor_min.pipeline import SHIPPED_BASE, Run, stage_pretrain
+    from thor_min.pipeline import Run, stage_pretrain
+    from thor_min.tiny import SHIPPED_BASE
 
     run = Run(preset=PRESETS["tiny"], out=tmp_path)
     stage_pretrain(run)
@@ -162,7 +163,7 @@ def test_a_tiny_run_starts_from_the_shipped_base(tmp_path):
 def test_other_pretraining_settings_do_not_use_the_shipped_base(change):
     from dataclasses import replace
 
-    from thor_min.pipeline import uses_shipped_base
+    from thor_min.tiny import uses_shipped_base
 
     preset = replace(PRESETS["tiny"], **change)
     assert not uses_shipped_base(preset, preset.pretrain_seed), f"{change}: then the run must pretrain its own base"

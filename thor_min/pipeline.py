@@ -216,7 +216,7 @@ def stage_pretrain(run: Run) -> None:
         return say("pretrain: done already (OUT/base), skipping")
     preset, started = run.preset, time.time()
     seed = run.seed if preset.pretrain_seed is None else preset.pretrain_seed
-    if uses_shipped_base(preset, seed):
+    if tiny.uses_shipped_base(preset, seed):
         return copy_shipped_base(run, started)
     say(f"pretrain: tiny Qwen2 model on plain chain-of-thought, {preset.pretrain_steps} steps (seed {seed})")
     torch.manual_seed(seed)
@@ -238,27 +238,8 @@ def stage_pretrain(run: Run) -> None:
     say(f"pretrain: {summary['steps']} steps, held-out loss {summary['final_eval_loss']:.3f}, "
         f"restates {restated:.0%} of held-out questions")
     facts = {"steps": summary["steps"], "eval_loss": summary["final_eval_loss"], "restate_rate": restated}
-    write_pretraining_record(run, pretraining_settings(preset, seed), facts, time.time() - started)
+    write_pretraining_record(run, tiny.pretraining_settings(preset, seed), facts, time.time() - started)
     record_stage(run, "pretrain", time.time() - started, **facts)
-
-
-SHIPPED_BASE = Path(__file__).parent / "assets" / "tiny-base"
-PRETRAINING_RECORD = "pretraining.json"   # in a tiny base directory: how it was pretrained, where, how long
-
-
-def pretraining_settings(preset: Preset, seed: int) -> dict:
-    """Everything the tiny base depends on that a flag can change (the recipe, not the code)."""
-    return {"steps": preset.pretrain_steps, "seed": seed, "lr": preset.pretrain_lr, "batch": preset.pretrain_batch,
-            "block_tokens": preset.pretrain_block_tokens, "check_every": preset.pretrain_check_every,
-            "model": asdict(tiny.TinyModelSize()), "micro_batch_tokens": preset.micro_batch_tokens}
-
-
-def uses_shipped_base(preset: Preset, seed: int) -> bool:
-    """--tiny-base shipped, and the shipped base was pretrained with exactly these settings (a flag that changes
-    them trains a new base)."""
-    record = SHIPPED_BASE / PRETRAINING_RECORD
-    return (preset.tiny_base == "shipped" and record.is_file()
-            and json.loads(record.read_text())["settings"] == pretraining_settings(preset, seed))
 
 
 @distributed.rank_zero_writes
@@ -267,14 +248,14 @@ def write_pretraining_record(run: Run, settings: dict, facts: dict, seconds: flo
 
     record = {"settings": settings, **facts, "seconds": round(seconds, 1), "machine": machine_name(),
               "torch": torch.__version__}
-    (run.model_dir("base") / PRETRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    (run.model_dir("base") / tiny.PRETRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def copy_shipped_base(run: Run, started: float) -> None:
     """Start from the base that ships with thor-min, as a Qwen run starts from the hub's weights: the same bytes
     on every machine (pretrained again elsewhere, float rounding would give another base, and another run)."""
-    distributed.rank_zero_writes(shutil.copytree)(SHIPPED_BASE, run.model_dir("base"), dirs_exist_ok=True)
-    record = json.loads((SHIPPED_BASE / PRETRAINING_RECORD).read_text())
+    distributed.rank_zero_writes(shutil.copytree)(tiny.SHIPPED_BASE, run.model_dir("base"), dirs_exist_ok=True)
+    record = json.loads((tiny.SHIPPED_BASE / tiny.PRETRAINING_RECORD).read_text())
     say(f"pretrain: the shipped base (thor_min/assets/tiny-base: {record['settings']['steps']} steps, "
         f"{record['seconds'] / 60:.1f} min on {record['machine']}); --tiny-base train pretrains it again")
     record_stage(run, "pretrain", time.time() - started, shipped=True,

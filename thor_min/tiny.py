@@ -11,11 +11,16 @@ normalizer/pre-tokenizer and applies Qwen's own (NFC, Qwen's split regex that is
 byte-level with no prefix space). So we build our tokenizer with exactly that pipeline; a test checks
 that `AutoTokenizer` and the tokenizer built here give identical ids.
 
+The pretrained base ships in `assets/tiny-base` with its `pretraining.json` (settings and results), so a run
+starts from the same bytes on every machine; `uses_shipped_base` says whether a preset asks for exactly that
+base (pipeline.stage_pretrain copies it, or pretrains another).
+
 Limits: the vocabulary is tiny (a few hundred tokens) and learned from tiny-world text, so other text
 encodes as raw bytes (correct, just long).
 """
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -23,6 +28,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from thor_min import tasks
+from thor_min.config import Preset
 from thor_min.models import save_model_dir
 
 EOS_TOKEN = "<|endoftext|>"
@@ -104,3 +110,25 @@ def create_tiny_base(out_dir: str | Path, size: TinyModelSize = TinyModelSize(),
     save_model_dir(model, tokenizer, out_dir, template="tiny")
     return out_dir
 
+
+# ----------------------------------------------------------------------------------------------
+# The shipped base (pipeline.stage_pretrain copies it when the preset asks for this base)
+
+
+SHIPPED_BASE = Path(__file__).parent / "assets" / "tiny-base"
+PRETRAINING_RECORD = "pretraining.json"   # in a tiny base directory: how it was pretrained, where, how long
+
+
+def pretraining_settings(preset: Preset, seed: int) -> dict:
+    """Everything the tiny base depends on that a flag can change (the recipe, not the code)."""
+    return {"steps": preset.pretrain_steps, "seed": seed, "lr": preset.pretrain_lr, "batch": preset.pretrain_batch,
+            "block_tokens": preset.pretrain_block_tokens, "check_every": preset.pretrain_check_every,
+            "model": asdict(TinyModelSize()), "micro_batch_tokens": preset.micro_batch_tokens}
+
+
+def uses_shipped_base(preset: Preset, seed: int) -> bool:
+    """--tiny-base shipped, and the shipped base was pretrained with exactly these settings (a flag that changes
+    them trains a new base)."""
+    record = SHIPPED_BASE / PRETRAINING_RECORD
+    return (preset.tiny_base == "shipped" and record.is_file()
+            and json.loads(record.read_text())["settings"] == pretraining_settings(preset, seed))
