@@ -134,7 +134,7 @@ def backward_batch(model, examples: list[TokenizedExample], indices: list[int], 
     groups = micro_batches(lengths, distributed.shard(indices), micro_batch_tokens)
     for group, real in distributed.lockstep(model, groups, spare=indices[:1]):
         nll, _ = batch_nll(model, examples, group, pad_id, model.device)
-        (nll * (float(real) / num_targets)).backward()
+        (nll / num_targets * float(real)).backward()         # x 1.0: exactly the single-process loss
         loss_value += float(real) * float(nll.detach()) / num_targets
     distributed.sum_gradients(model)
     return distributed.all_sum([loss_value])[0]
