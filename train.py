@@ -62,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     memory.add_argument("--rollout-batch", type=int, help="sampled rows per forward in rollouts (KV cache size)")
     memory.add_argument("--threads", dest="cpu_threads", type=int,
                         help="torch threads on a CPU in TIRGen, RL and eval, 0 = one per core (default: the preset's; tiny: 1)")
+    memory.add_argument("--side-by-side", type=int, metavar="N", help="RL variants and evaluation rows run at once, "
+                        "each in its own process (default: the preset's; tiny: 2, one per core; 1 = one after the other)")
     memory.add_argument("--max-new-tokens", type=int, help="response length in RL and evaluation (KV cache size)")
     run.add_argument("--checkpoint-every", type=int, help="optimiser steps between checkpoints")
     run.add_argument("--dist-timeout", type=float, default=30.0, help="under torchrun: minutes a rank waits for "
@@ -102,7 +104,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_run(args):
     from thor_min.config import override, preset_for
-    from thor_min.pipeline import Run
+    from thor_min.run_context import Run
 
     preset = preset_for(args.model)
     variants = preset.rl_variants
@@ -122,8 +124,11 @@ def build_run(args):
                       tirgen_code_filter=args.tirgen_code_filter, sft_lr=args.sft_lr, sft_epochs=args.sft_epochs,
                       sft_train_on_outputs=args.sft_train_on_outputs, rl_steps=args.rl_steps,
                       rl_prompts=args.rl_prompts, rl_group=args.rl_group, rl_lr=args.rl_lr,
-                      rl_minibatches=args.rl_minibatches, rl_variants=variants, eval_samples=args.eval_samples,
+                      rl_minibatches=args.rl_minibatches, side_by_side=args.side_by_side, rl_variants=variants,
+                      eval_samples=args.eval_samples,
                       self_correct=args.self_correct)
+    if preset.side_by_side < 1:
+        raise ValueError(f"--side-by-side must be at least 1 (1 = one job after the other), got {preset.side_by_side}")
     out = args.out or Path("runs") / args.model.strip("/").replace("/", "--")
     return Run(preset=preset, out=out, seed=args.seed, device=args.device, resume=args.resume, ablation=args.ablation,
                report_to=tuple(args.report_to), random_init=args.random_init)

@@ -20,14 +20,15 @@ from pathlib import Path
 import torch
 
 from thor_min import distributed, tasks, tiny
+from thor_min.ablation import stage_eval
 from thor_min.config import override, preset_for
 from thor_min.lora import apply_lora
 from thor_min.metrics import MetricsLog
 from thor_min.models import encode_prompt
 from thor_min.optim import build_optimizer
-from thor_min.pipeline import Run, save_policy, stage_eval
 from thor_min.rl import RLConfig, attach_old_logprobs, build_samples, train_on_samples
 from thor_min.rollout import RolloutEngine, RolloutRequest, SamplingConfig
+from thor_min.run_context import Run, save_policy
 from thor_min.sandbox import Sandbox
 from thor_min.sft import SFTConfig, full_text_examples, train_sft
 from thor_min.tirgen import RuleCritic, TIRGenConfig, run_tirgen

@@ -76,4 +76,4 @@ def test_the_graph_sees_lazy_and_package_imports():
     graph = import_graph()
     assert "thor_min.tasks" in graph["thor_min.data"], "data imports the tiny world (from thor_min import tasks)"
     assert "thor_min.problem" in graph["thor_min.tasks"], "tasks imports Problem from its primitive module"
-    assert "thor_min.report" in graph["thor_min.pipeline"], "the lazy import of report in stage_eval must count"
+    assert "thor_min.report" in graph["thor_min.ablation"], "the lazy import of report in stage_eval must count"

@@ -359,7 +359,7 @@ def test_merge_lora_refuses_4bit_base(bnb_ok, checkpoint_dir):
 def test_rl_starts_from_the_cold_start_policy_on_the_4bit_path(bnb_ok, checkpoint_dir, tmp_path):
     """SFT ends on NF4 base + adapter; RL must start from that policy, not from a re-quantised merge."""
     from thor_min.config import override, preset_for
-    from thor_min.pipeline import Run, load_policy, save_policy
+    from thor_min.run_context import Run, load_policy, save_policy
 
     preset = override(preset_for("tiny"), load_in_4bit=True, lora_rank=4, lora_alpha=8.0)
     run = Run(preset=preset, out=tmp_path / "run", device="cpu")

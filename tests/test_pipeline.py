@@ -118,7 +118,8 @@ def test_a_run_killed_with_sigkill_resumes_and_loses_at_most_the_step_in_flight(
 
 
 def test_plain_cot_sft_uses_the_references_of_the_tirgen_problems(tmp_path, tokenizer):
-    from thor_min.pipeline import Run, sft_examples, training_problems
+    from thor_min.pipeline import sft_examples
+    from thor_min.run_context import Run, training_problems
 
     run = Run(preset=PRESETS["tiny"], out=tmp_path)
     problems = training_problems(run, 5, salt=0)
@@ -147,7 +148,8 @@ def test_the_shipped_tokenizer_is_the_one_the_tiny_world_builds():
 
 
 def test_a_tiny_run_starts_from_the_shipped_base(tmp_path):
-    from thor_min.pipeline import Run, stage_pretrain
+    from thor_min.pipeline import stage_pretrain
+    from thor_min.run_context import Run
     from thor_min.tiny import SHIPPED_BASE
 
     run = Run(preset=PRESETS["tiny"], out=tmp_path)
@@ -155,7 +157,7 @@ def test_a_tiny_run_starts_from_the_shipped_base(tmp_path):
     copied = (tmp_path / "base" / "model.safetensors").read_bytes()
     assert copied == (SHIPPED_BASE / "model.safetensors").read_bytes(), "the run's base must be the shipped bytes"
     recorded = json.loads((tmp_path / "stages.json").read_text())["pretrain"]
-    assert recorded["shipped"] and recorded["steps"] == 1200, f"stages.json must say where the base came from: {recorded}"
+    assert recorded["shipped"] and recorded["steps"] == 2400, f"stages.json must say where the base came from: {recorded}"
 
 
 @pytest.mark.parametrize("change", [{"pretrain_steps": 5}, {"pretrain_seed": 0}, {"micro_batch_tokens": 4096},

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from thor_min.sandbox import (NO_OUTPUT_MESSAGE, OBSERVATION_HALF, Sandbox, cell_passed, error_line,
-                              format_observation)
+                              format_observation, uses_light_pool)
 from thor_min.zygote import UID_BASE
 
 TIMEOUT = 1.5
@@ -41,6 +41,7 @@ SETSID_DAEMON = "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.
 def sandbox():
     os.environ["THOR_SANDBOX_TEST_SECRET"] = SECRET  # must not reach any cell
     with Sandbox(workers=2, timeout=TIMEOUT) as box:
+        box.start()   # the preloaded pool too, so tests that compare worker pids see every worker from the start
         yield box
     del os.environ["THOR_SANDBOX_TEST_SECRET"]
 
@@ -71,7 +72,7 @@ def process_table() -> dict:
 def leftover_processes(box: Sandbox) -> list:
     """Processes of the cell uids, and descendants of the zygotes other than a namespace's PID 1."""
     table = process_table()
-    cell_uids = range(UID_BASE, UID_BASE + box.workers)
+    cell_uids = range(UID_BASE, UID_BASE + box.slots)
     leftovers = [pid for pid, (_, uid) in table.items() if uid in cell_uids]
     allowed_depth = 1 if has_layer(box, "pid namespace") else 0
     frontier = [(pid, 0) for pid in box.worker_pids()]
@@ -446,3 +447,33 @@ def test_hundred_hostile_cells_in_a_row(sandbox):
     assert scratch.stdout == "True\n", f"cell directories were left in the scratch root: {scratch}"
     assert [name for _, _, names in os.walk(sandbox.temp_root) for name in names] == [], "files left on the host"
     assert sandbox.run("print(6 * 7)").observation == "42", "the next ordinary cell must pass"
+
+
+# ----------------------------------------------------------------------------------------- the light pool
+
+SYMPY_LOADED = "print(any(c.__module__.startswith('sympy') for c in ().__class__.__base__.__subclasses__()))"
+SAME_EITHER_WAY = ["print(4821 * 37)", "print(sum(k**2 for k in range(1, 292 + 1)))", "1/0", "print(int('x'))",
+                   "x = 5", "print(undefined_name)", "print('a' * 300)"]
+
+
+def test_a_cell_that_never_says_import_uses_the_light_pool():
+    assert uses_light_pool("print(4821 * 37)", []), "an arithmetic cell is light"
+    assert not uses_light_pool("import math\nprint(math.pi)", []), "an import needs the preloaded pool"
+    assert not uses_light_pool("print(x)", ["from sympy import symbols"]), "so does an import in the history"
+    assert not uses_light_pool("print(__import__('sys').version)", []), "any mention of import counts"
+
+
+def test_import_free_cells_run_where_sympy_is_not_preloaded():
+    with Sandbox(workers=1, timeout=TIMEOUT) as box:
+        assert box.slots == 2 and len(box.worker_pids()) == 1, "the light worker starts, the preloaded one waits"
+        assert box.run(SYMPY_LOADED).observation == "False", "an import-free cell runs in the light pool"
+        assert len(box.worker_pids()) == 1, "and does not start the preloaded worker"
+        assert box.run("import sys\n" + SYMPY_LOADED).observation == "True", "a cell that imports gets the preload"
+        assert len(box.worker_pids()) == 2, "the preloaded worker started on its first cell"
+
+
+def test_the_light_pool_gives_the_observations_the_preloaded_one_gives(sandbox):
+    with Sandbox(workers=1, timeout=TIMEOUT, light_cells=False) as preloaded_only:
+        assert preloaded_only.run(SYMPY_LOADED).observation == "True", "light_cells=False: one preloaded pool"
+        expected = [result.observation for result in preloaded_only.run_batch(SAME_EITHER_WAY)]
+    assert [result.observation for result in sandbox.run_batch(SAME_EITHER_WAY)] == expected

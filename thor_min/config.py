@@ -54,6 +54,7 @@ class Preset:
     rl_step_suffix_tokens: int = 100
     rl_step_max_new_tokens: int = 512
     rl_eval_every: int = 20
+    side_by_side: int = 1             # RL variants / eval rows run at once, one process each (thor_min.side_by_side)
     # evaluation
     eval_samples: int = 4
     eval_temperature: float = 0.6
@@ -78,34 +79,40 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     # The tiny world departs from THOR's numbers where the world is smaller, all measured on 2 CPU cores:
-    # - pretraining packs samples into 256-token blocks, a fixed 1,200 steps of 4 blocks from a fixed seed (the base
+    # - pretraining packs samples into 256-token blocks, a fixed 2,400 steps of 4 blocks from a fixed seed (the base
     #   is the same for every --seed, like a pretrained checkpoint; pipeline.stage_pretrain), so copying numbers has
-    #   emerged at every position a tool-integrated answer reaches; that base ships in thor_min/assets/tiny-base,
-    #   so a run starts from it as a Qwen run starts from the hub's weights, on any machine the same bytes
-    #   (`--tiny-base train` pretrains it again: 4 min on 2 Zen 4 cores);
+    #   emerged at every position a tool-integrated answer reaches (it restates 100% of held-out questions; the
+    #   1,200-step base of an earlier preset 80%, and TIRGen kept 1-4 linear-equation samples from it instead of
+    #   67); that base ships in thor_min/assets/tiny-base, so a run starts from it as a Qwen run starts from the
+    #   hub's weights, on any machine the same bytes (`--tiny-base train` pretrains it again: 7.6 min on 2 Zen 4
+    #   cores);
     # - TIRGen's critic is rule-based; the actor chunk is one line (each line is one computation), and the
     #   code filter is "none": every tiny-world cell is a single expression like print(4821 * 37), which the
     #   paper's "library call or control flow" rule would drop, taking products and sums out of the data; the
     #   actor reads its text with cell/output blocks elided (a base that never saw a code block otherwise jumps
     #   to the answer after the first cell: measured, 0 correct two-cell attempts of 12,000; elided, 60 of the
     #   first 1,024);
-    # - SFT uses lr 1e-3 and 40 epochs because the data is a few hundred samples for a 1 M-parameter model
-    #   (measured on 64 test problems: 20 epochs gave a 9% cold start on seed 0's data, 40 epochs 39% and 48% on
-    #   seeds 0 and 1);
-    # - RL: G = 8 x 8 prompts, lr 1e-4, L_suf 8 tokens (responses are ~50 tokens), 100 steps per variant;
+    # - SFT uses lr 1e-3 and 25 epochs because the data is a few hundred samples for a 1 M-parameter model
+    #   (measured on seed 0's ~390 samples: 40 epochs overfit, the cold start garbled the long sum-of-squares and
+    #   sum-of-range code, 0% on both, and RL never recovered squares; 25 epochs: 10% and 90% at the cold start);
+    # - RL: G = 8 x 8 prompts, lr 1e-4, L_suf 8 tokens (responses are ~50 tokens), 50 steps per variant (from this
+    #   base's ~75% cold start, 100 steps added little: greedy eval 0.86 at step 40, 0.89 at 100 on seed 0);
+    # - the two RL variants train side by side, and the eval rows run in two halves side by side, one process per
+    #   core (thor_min.side_by_side: the same work as one after the other; RL 1.5x faster, measured);
     # - one torch thread in the sampling stages (TIRGen, RL, eval): a 64-row decode step of a 1 M-parameter model
     #   is too small to split, and the other core runs the sandbox and the grader; train.py also makes idle
     #   OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE): spinning threads made every stage 1.5-4x slower on a
     #   loaded 2-core machine (measured).
     "tiny": Preset(
         model="tiny", template="tiny", train_data="tiny", benchmarks=("tiny", "tiny-heldout"), critic="rule",
-        pretrain_steps=1200, pretrain_seed=2, pretrain_lr=2e-3, pretrain_batch=4, pretrain_check_every=200, pretrain_block_tokens=256,
+        pretrain_steps=2400, pretrain_seed=2, pretrain_lr=2e-3, pretrain_batch=4, pretrain_check_every=200, pretrain_block_tokens=256,
         tirgen_problems=600, tirgen_attempts=8, tirgen_step_tokens=48, tirgen_delimiter="\n",
         tirgen_temperature=0.7, tirgen_code_filter="none", tirgen_actor_sees_cells=False,
-        sft_lr=1e-3, sft_epochs=40.0, sft_batch=32,
-        rl_variants=("rl-traj", "rl"), rl_steps=100, rl_prompts=8, rl_group=8, rl_lr=1e-4, rl_minibatches=2,
+        sft_lr=1e-3, sft_epochs=25.0, sft_batch=32,
+        rl_variants=("rl-traj", "rl"), rl_steps=50, rl_prompts=8, rl_group=8, rl_lr=1e-4, rl_minibatches=2,
         rl_max_new_tokens=160,
         rl_min_response_tokens=8, rl_step_suffix_tokens=8, rl_step_max_new_tokens=64, rl_eval_every=20,
+        side_by_side=2,
         eval_samples=4, eval_temperature=0.6, eval_max_new_tokens=160, eval_problems=None,
         self_correct=4, backtrack_tokens=8,
         lora_rank=0, gradient_checkpointing=False, micro_batch_tokens=8192, rollout_batch=256,

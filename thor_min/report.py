@@ -118,7 +118,7 @@ def reading(rows_list: list[dict]) -> str:
 
 
 def write_report(out_dir: str | Path, summary: dict) -> None:
-    """report.md, ablation.png and templates.png in `out_dir` from a summary dict (see pipeline.stage_eval)."""
+    """report.md, ablation.png and templates.png in `out_dir` from a summary dict (see ablation.stage_eval)."""
     out_dir = Path(out_dir)
     rows = sorted(summary["rows"], key=lambda r: CLAIM_ORDER.index(r["name"]) if r["name"] in CLAIM_ORDER else 99)
     minutes = summary["seconds"] / 60
