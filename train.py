@@ -172,9 +172,14 @@ def share_base(args, argv: list[str], out: Path, todo: list[int]) -> list[str] |
     runs with (--resume: skip the finished pretraining), or None when the base cannot be shared this way."""
     import shutil
 
+    from thor_min import tiny
+
     fresh = all(not (out / f"seed-{s}").exists() or not any((out / f"seed-{s}").iterdir()) for s in todo)
-    if build_run(args).preset.pretrain_seed is None or args.stage != "all" or len(todo) < 2 or not (fresh or args.resume):
+    preset = build_run(args).preset
+    if preset.pretrain_seed is None or args.stage != "all" or len(todo) < 2 or not (fresh or args.resume):
         return None
+    if preset.model == "tiny" and tiny.uses_shipped_base(preset, preset.pretrain_seed):
+        return None   # every seed copies the shipped base itself
     first = out / f"seed-{todo[0]}"
     if not (first / "base" / "config.json").is_file():
         print(f"seed {todo[0]}: pretraining the base that every seed shares", flush=True)
@@ -187,7 +192,8 @@ def share_base(args, argv: list[str], out: Path, todo: list[int]) -> list[str] |
             target.mkdir(parents=True, exist_ok=True)
             shutil.copytree(first / "base", target / "base", dirs_exist_ok=True)
             for name in ("stages.json", "metrics.jsonl"):
-                shutil.copy(first / name, target / name)
+                if (first / name).exists():
+                    shutil.copy(first / name, target / name)
     return ["--resume"]
 
 

@@ -94,3 +94,10 @@ def test_seeds_share_the_base_of_the_fixed_pretraining_seed(tmp_path, capfd, mon
         log = (tmp_path / f"seed-{seed}.log").read_text()
         assert "pretrain: done already" in log and "tirgen:" in log, f"seed {seed} must skip pretraining: {log[-800:]}"
     assert not (tmp_path / "seeds.md").exists(), "no table from failed seeds"
+
+
+def test_with_the_shipped_base_every_seed_copies_it_itself(tmp_path):
+    argv = ["--seeds", "0", "1"]
+    assert train_cli.share_base(train_cli.parse_args(argv), argv, tmp_path, [0, 1]) is None, \
+        "the default preset's base ships: nothing to pretrain once and share"
+    assert not any(tmp_path.iterdir()), "and nothing is written before the seeds run"
