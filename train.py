@@ -1,6 +1,6 @@
 """Train with THOR: pretrain (tiny world) -> TIRGen -> cold-start SFT -> hierarchical RL -> evaluation.
 
-    python train.py                          # the whole pipeline on the tiny world, ~18 minutes on 2 Zen 4 cores
+    python train.py                          # the whole pipeline on the tiny world, ~10 minutes on 2 Zen 4 cores
     python train.py --ablation               # ... plus plain-CoT SFT and RL without tools (no-tool rows)
     python train.py --model qwen-1.5b        # Qwen2.5-Math-1.5B on one 24 GB GPU (LoRA, checkpointing)
     python train.py --stage rl --resume      # one stage; --resume continues an interrupted run

@@ -1,6 +1,6 @@
 """One preset per model alias: every default hyperparameter of the pipeline, in one place.
 
-`tiny` is the embedded default that runs THOR end to end on a 2-core CPU in about 18 minutes (Zen 4; step budgets,
+`tiny` is the embedded default that runs THOR end to end on a 2-core CPU in about 10 minutes (Zen 4; step budgets,
 not time budgets, and a shipped base, so a run does the same work on any machine). The Qwen presets follow THOR.md (group size 16,
 T = 1, clip-higher 0.2/0.28, lr 1e-6 full fine-tuning, 3,200-token responses, 5 cells in training and 10 at
 inference, L_suf 100 in training and 500 at inference) sized for one GPU: LoRA r = 64 on a bf16 (1.5B, 1.7B)
