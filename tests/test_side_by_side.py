@@ -4,10 +4,11 @@ The jobs below run in spawned processes, which import this module by name to fin
 heavy at the top, and they run without torch: threads=0).
 """
 
+import contextlib
+import io
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +18,6 @@ from thor_min.metrics import MetricsLog
 from thor_min.side_by_side import Job, run_side_by_side
 
 REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def counting_job(name: str, steps: int, *, log) -> dict:
@@ -76,32 +76,24 @@ FLAGS = ["--rl-steps", "1", "--rl-prompts", "2", "--group-size", "2", "--max-new
          "--eval-samples", "1"]
 
 
-def stage(out: Path, name: str) -> str:
-    """One stage of `python train.py` with the tiny preset (side by side) and small budgets."""
-    result = subprocess.run([sys.executable, "train.py", "--stage", name, "--out", str(out), *FLAGS], cwd=REPO,
-                            env=ENV, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"--stage {name} failed: {result.stderr[-2000:]}"
-    return result.stdout
-
-
 @pytest.fixture(scope="module")
 def both_ways(tmp_path_factory):
-    """RL and eval stages of one run: side by side through train.py (the tiny preset), and one job after the
-    other through the same stage code in this process (--side-by-side 1)."""
+    """RL and eval stages of one run through train.py's main in this process: side by side (the tiny preset; the
+    jobs are spawned processes, as always) and one job after the other (--side-by-side 1)."""
     sys.path.insert(0, str(REPO))
     import train as train_cli
     from thor_min import tiny
-    from thor_min.pipeline import run_stages
 
     outs = {mode: tmp_path_factory.mktemp(mode) for mode in ("side-by-side", "sequential")}
-    for out in outs.values():
+    printed = io.StringIO()
+    for mode, out in outs.items():
         for name in ("base", "sft"):   # the shipped base stands in for the cold-start model
             shutil.copytree(tiny.SHIPPED_BASE, out / name)
-    printed = stage(outs["side-by-side"], "rl") + stage(outs["side-by-side"], "eval")
-    run = train_cli.build_run(train_cli.parse_args(["--out", str(outs["sequential"]), "--side-by-side", "1", *FLAGS]))
-    for name in ("rl", "eval"):
-        run_stages(run, name)
-    return outs, printed
+        flags = ["--out", str(out), *FLAGS] + (["--side-by-side", "1"] if mode == "sequential" else [])
+        for stage in ("rl", "eval"):
+            with contextlib.redirect_stdout(printed if mode == "side-by-side" else io.StringIO()):
+                assert train_cli.main(["--stage", stage, *flags]) == 0, f"{mode} --stage {stage} failed"
+    return outs, printed.getvalue()
 
 
 @pytest.mark.slow

@@ -268,7 +268,8 @@ class Sandbox:
             memory_bytes=int(memory_limit), file_bytes=int(file_size_limit), output_bytes=self.output_limit,
             max_processes=int(max_processes), int_max_str_digits=int(int_max_str_digits), preload=modules,
             warm_up=warm_up), startup_timeout)
-            for pool, (modules, warm_up) in enumerate(pools) for slot in range(pool * self.workers, (pool + 1) * self.workers)]
+            for pool, (modules, warm_up) in enumerate(pools)
+            for slot in range(pool * self.workers, (pool + 1) * self.workers)]   # slots 0..W-1 preloaded, W..2W-1 light
         self._finalizer = weakref.finalize(self, stop_all, self._zygotes, self.temp_root)
         # with a light pool, the preloaded one starts on its first cell (tiny-world cells never import)
         self.start(self._zygotes if len(pools) == 1 else self._zygotes[self.workers:])
