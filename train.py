@@ -178,7 +178,7 @@ def share_base(args, argv: list[str], out: Path, todo: list[int]) -> list[str] |
     preset = build_run(args).preset
     if preset.pretrain_seed is None or args.stage != "all" or len(todo) < 2 or not (fresh or args.resume):
         return None
-    if preset.model == "tiny" and tiny.uses_shipped_base(preset, preset.pretrain_seed):
+    if tiny.uses_shipped_base(preset, preset.pretrain_seed):
         return None   # every seed copies the shipped base itself
     first = out / f"seed-{todo[0]}"
     if not (first / "base" / "config.json").is_file():
@@ -192,8 +192,7 @@ def share_base(args, argv: list[str], out: Path, todo: list[int]) -> list[str] |
             target.mkdir(parents=True, exist_ok=True)
             shutil.copytree(first / "base", target / "base", dirs_exist_ok=True)
             for name in ("stages.json", "metrics.jsonl"):
-                if (first / name).exists():
-                    shutil.copy(first / name, target / name)
+                shutil.copy(first / name, target / name)
     return ["--resume"]
 
 

@@ -37,7 +37,6 @@ def rl_config(run: Run, tools: bool, step_level: bool) -> RLConfig:
                     seed=run.seed)
 
 
-
 def stage_rl(run: Run) -> None:
     """Each RL variant of the run (trajectory-only, full hierarchical, and with --ablation plain-CoT RL): one
     after the other, or side by side in their own processes (`Preset.side_by_side`; thor_min.side_by_side)."""
@@ -177,7 +176,7 @@ def stage_eval(run: Run) -> dict:
         todo.append(row)
     chunks = split_rows(todo, jobs_at_once(run, len(todo)))
     if len(chunks) <= 1:
-        rows = evaluate_rows(run, todo)
+        rows = evaluate_rows(run, todo, sets)
     else:
         say(f"eval: {len(todo)} rows in {len(chunks)} processes side by side")
         jobs = [side_by_side.Job(f"eval {', '.join(row[0] for row in chunk)}", "thor_min.ablation:eval_rows_job",
@@ -201,15 +200,15 @@ def split_rows(rows: list, parts: int) -> list[list]:
 
 
 def eval_rows_job(settings: dict, rows: list, *, log) -> list[dict]:
-    """`evaluate_rows` in a process of its own (thor_min.side_by_side)."""
-    return evaluate_rows(Run(**settings), rows, progress=log.progress)
+    """`evaluate_rows` in a process of its own (thor_min.side_by_side), on the benchmarks it loads itself."""
+    run = Run(**settings)
+    return evaluate_rows(run, rows, eval_problems(run), progress=log.progress)
 
 
-def evaluate_rows(run: Run, rows: list, progress=None) -> list[dict]:
-    """Each (name, model dir, tools, self-correction) row on every benchmark: eval/<row>-<benchmark>.jsonl, and
-    the row's summary."""
+def evaluate_rows(run: Run, rows: list, sets: dict, progress=None) -> list[dict]:
+    """Each (name, model dir, tools, self-correction) row on every benchmark of `sets`: eval/<row>-<benchmark>.jsonl,
+    and the row's summary."""
     preset, summaries, loaded = run.preset, [], (None, None, None)
-    sets = eval_problems(run)
     with make_sandbox(run) as sandbox:   # one sandbox for every row (its zygotes take a second or two to start)
         for name, model_dir, tools, self_correct in rows:
             location = run.base_model() if model_dir == "base" else str(run.model_dir(model_dir))

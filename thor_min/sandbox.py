@@ -343,7 +343,7 @@ class Sandbox:
 
     def close(self) -> None:
         """Stop the workers and remove the temporary root. Safe to call twice."""
-        if getattr(self, "_pool", None) is not None:
+        if hasattr(self, "_pool"):
             self._pool.shutdown(wait=True)
         self._finalizer()
 

@@ -91,9 +91,8 @@ def _environment(**values: str):
 
 def run_side_by_side(jobs: list[Job], log, *, at_once: int, threads: int = 1) -> dict[str, object]:
     """Run `jobs`, at most `at_once` at a time, each in its own process with `threads` torch threads (0: torch's
-    default); make
-    their log calls on `log`. Returns {job name: its result}; raises RuntimeError naming the jobs that failed
-    (after every other job has finished)."""
+    default); make their log calls on `log`. Returns {job name: its result}; raises RuntimeError naming the jobs
+    that failed (after every other job has finished)."""
     context = multiprocessing.get_context("spawn")
     channel = context.Queue()
     waiting, running, results, failures = list(range(len(jobs))), {}, {}, {}
