@@ -427,6 +427,20 @@ def test_end_to_end_with_the_real_sandbox(tool_model, tokenizer):
         assert_logprobs_match_fresh_forward(tool_model, rollout)
 
 
+def test_the_cell_memo_changes_no_rollout(tool_model, tokenizer):
+    sampled = SamplingConfig(temperature=1.0, max_new_tokens=80)
+    outcomes = []
+    for memo_cells in (0, 4096):
+        with Sandbox(workers=2, timeout=10.0, preload=(), memo_cells=memo_cells) as sandbox:
+            rollouts = RolloutEngine(tool_model, tokenizer, sandbox).generate(
+                requests_for(tokenizer, "ABC", samples=4), sampled, seed=3)
+            outcomes.append(([r.completion_ids for r in rollouts], [[c.observation for c in r.cells] for r in rollouts],
+                             sandbox.memo_hits))
+    (ids_off, seen_off, hits_off), (ids_on, seen_on, hits_on) = outcomes
+    assert hits_off == 0 and hits_on > 0, f"the 4 samples of a prompt repeat cells: {hits_on} memo hits"
+    assert ids_on == ids_off and seen_on == seen_off, "remembered cells must give the rollouts that running them gives"
+
+
 def test_rollback_resumes_decoding_before_held_back_bytes():
     """After a rollback, tokens that added no text (half a UTF-8 character) are decoded again."""
     assert rollout_module._decoded_prefix([3, 5, 5, 5], floor=0) == 2, "tokens 2 and 3 added nothing"

@@ -40,7 +40,7 @@ SETSID_DAEMON = "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.
 @pytest.fixture(scope="module")
 def sandbox():
     os.environ["THOR_SANDBOX_TEST_SECRET"] = SECRET  # must not reach any cell
-    with Sandbox(workers=2, timeout=TIMEOUT) as box:
+    with Sandbox(workers=2, timeout=TIMEOUT, memo_cells=0) as box:   # every hostile cell really runs
         box.start()   # the preloaded pool too, so tests that compare worker pids see every worker from the start
         yield box
     del os.environ["THOR_SANDBOX_TEST_SECRET"]

@@ -195,7 +195,7 @@ def bench_tools(model, tokenizer, args) -> tuple[float, float, int, int]:
     requests = [RolloutRequest(tokenizer.encode(p, add_special_tokens=False), args.tool_samples) for p, _ in answers]
     config = SamplingConfig(max_new_tokens=args.tool_new_tokens, temperature=0.0, max_tool_calls=args.max_tool_calls,
                             batch_size=len(prompts))
-    with Sandbox(workers=args.workers, timeout=10.0) as sandbox:
+    with Sandbox(workers=args.workers, timeout=10.0, memo_cells=0) as sandbox:   # both sides run every cell
         engine = RolloutEngine(model, tokenizer, sandbox)
         ours_rollouts, theirs = [], []
         ours_s = timed(lambda: ours_rollouts.append(engine.generate(requests, config)), args.repeats)

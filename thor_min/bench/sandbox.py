@@ -57,7 +57,7 @@ def run_bench(cells: int, fresh_cells: int, workers: int, timeout: float) -> int
     print(f"cell: {BENCH_CELL!r}")
     print(f"workers: {workers} on {os.cpu_count()} CPUs (the same parallelism for both sides)")
     started = time.perf_counter()
-    with Sandbox(workers=workers, timeout=timeout) as sandbox:
+    with Sandbox(workers=workers, timeout=timeout, memo_cells=0) as sandbox:   # every cell forks
         print(f"sandbox start-up: {time.perf_counter() - started:.2f} s (not counted); "
               f"{len(sandbox.layers)} isolation layers")
         sandbox_seconds(sandbox, 2 * workers)  # first cells touch fresh pages in each zygote
