@@ -62,8 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     memory.add_argument("--rollout-batch", type=int, help="sampled rows per forward in rollouts (KV cache size)")
     memory.add_argument("--threads", dest="cpu_threads", type=int,
                         help="torch threads on a CPU in TIRGen, RL and eval, 0 = one per core (default: the preset's; tiny: 1)")
-    memory.add_argument("--side-by-side", type=int, metavar="N", help="RL variants and evaluation rows run at once, "
-                        "each in its own process (default: the preset's; tiny: 2, one per core; 1 = one after the other)")
+    memory.add_argument("--side-by-side", type=int, metavar="N", help="TIRGen shares, RL variants and eval rows run "
+                        "at once, each in its own process (default: the preset's; tiny: 2, one per core; 1 = one after the other)")
     memory.add_argument("--max-new-tokens", type=int, help="response length in RL and evaluation (KV cache size)")
     run.add_argument("--checkpoint-every", type=int, help="optimiser steps between checkpoints")
     run.add_argument("--dist-timeout", type=float, default=30.0, help="under torchrun: minutes a rank waits for "
@@ -80,6 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     tirgen.add_argument("--critic", help="rule, or an instruct model alias / hub id / directory")
     tirgen.add_argument("--tirgen-problems", type=int, help="problems to generate data for")
     tirgen.add_argument("--tirgen-attempts", type=int, help="actor-critic attempts per problem")
+    tirgen.add_argument("--tirgen-problems-per-round", type=int, metavar="N",
+                        help="problems per resumable round; side by side, each process takes a share of the rounds")
     tirgen.add_argument("--code-filter", dest="tirgen_code_filter", choices=("library", "lines", "none"),
                         help="code-quality rule: > 5 lines for most cells (code, the Qwen default), library call / "
                              "control flow (paper), none (tiny)")
@@ -121,6 +123,7 @@ def build_run(args):
                       pretrain_lr=args.pretrain_lr, pretrain_batch=args.pretrain_batch, pretrain_seed=args.pretrain_seed,
                       tiny_base=args.tiny_base,
                       tirgen_problems=args.tirgen_problems, tirgen_attempts=args.tirgen_attempts,
+                      tirgen_problems_per_round=args.tirgen_problems_per_round,
                       tirgen_code_filter=args.tirgen_code_filter, sft_lr=args.sft_lr, sft_epochs=args.sft_epochs,
                       sft_train_on_outputs=args.sft_train_on_outputs, rl_steps=args.rl_steps,
                       rl_prompts=args.rl_prompts, rl_group=args.rl_group, rl_lr=args.rl_lr,
@@ -129,6 +132,8 @@ def build_run(args):
                       self_correct=args.self_correct)
     if preset.side_by_side < 1:
         raise ValueError(f"--side-by-side must be at least 1 (1 = one job after the other), got {preset.side_by_side}")
+    if preset.tirgen_problems_per_round < 1:
+        raise ValueError(f"--tirgen-problems-per-round must be at least 1, got {preset.tirgen_problems_per_round}")
     out = args.out or Path("runs") / args.model.strip("/").replace("/", "--")
     return Run(preset=preset, out=out, seed=args.seed, device=args.device, resume=args.resume, ablation=args.ablation,
                report_to=tuple(args.report_to), random_init=args.random_init)

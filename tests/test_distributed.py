@@ -7,7 +7,9 @@ is the same code path), the 2-rank run under `torchrun --standalone --nproc_per_
 sum the gradient of each half-batch, so parameters agree to float32 summation order, not bit for bit
 (measured max |diff| ~1e-7 after SFT, ~3e-6 after RL with lr 1e-3; asserted 1e-5). Full fine-tuning runs
 sharded by FSDP2 on the 2 ranks, LoRA replicated; sampled tokens and
-written files must be identical.
+written files must be identical. Where a rank's batch holds other rows than one process's, a row's logits may
+differ by float noise (measured on an Intel Ice Lake Xeon: MKL rounds a 1- or 2-row matmul otherwise), so the
+evaluation scenario gives each rank exactly one of one process's batches.
 """
 
 import json

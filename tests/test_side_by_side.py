@@ -136,3 +136,34 @@ def without_seconds(value):
     if isinstance(value, dict):
         return {key: without_seconds(item) for key, item in value.items() if key != "seconds"}
     return [without_seconds(item) for item in value] if isinstance(value, list) else value
+
+
+TIRGEN_FLAGS = ["--tirgen-problems", "12", "--tirgen-attempts", "2", "--tirgen-problems-per-round", "4",
+                "--rollout-batch", "8"]   # 3 rounds (shares of 1 and 2); the plain-CoT baseline in batches of 8 and 4
+
+
+@pytest.mark.slow
+def test_tirgen_side_by_side_writes_what_one_process_writes(tmp_path):
+    sys.path.insert(0, str(REPO))
+    import train as train_cli
+    from thor_min import tiny
+
+    printed = {}
+    for mode in ("side-by-side", "sequential"):
+        shutil.copytree(tiny.SHIPPED_BASE, tmp_path / mode / "base")
+        flags = ["--stage", "tirgen", "--out", str(tmp_path / mode), *TIRGEN_FLAGS]
+        with contextlib.redirect_stdout(io.StringIO()) as stdout:
+            assert train_cli.main(flags + (["--side-by-side", "1"] if mode == "sequential" else [])) == 0, mode
+        printed[mode] = stdout.getvalue()
+    assert "tirgen: 3 rounds in 2 processes side by side" in printed["side-by-side"], printed["side-by-side"][-500:]
+    assert "side by side" not in printed["sequential"], "--side-by-side 1 runs TIRGen in this process"
+    stats = json.loads((tmp_path / "sequential" / "tirgen_stats.json").read_text())
+    assert stats["kept_per_stage"]["attempts"] == 24 and stats["kept_per_stage"]["balanced"] > 0, stats
+    for name in ("tirgen.jsonl", "tirgen_stats.json", "tirgen_raw.jsonl"):
+        texts = [(tmp_path / mode / name).read_text() for mode in ("side-by-side", "sequential")]
+        if name == "tirgen_raw.jsonl":   # the same attempts; the order is the shares' (the filter sorts them)
+            texts = [sorted(text.splitlines()) for text in texts]
+        assert texts[0] == texts[1], f"{name} differs between side by side and one process"
+    assert not list((tmp_path / "side-by-side").glob("tirgen_raw.part-*")), "the part files are folded and removed"
+    stages = json.loads((tmp_path / "side-by-side" / "stages.json").read_text())
+    assert stages["tirgen"]["jobs"] == 2, stages["tirgen"]

@@ -6,6 +6,7 @@ cell prints (checked by re-running every cell in a fresh sandbox).
 """
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,7 +16,8 @@ from thor_min.data import Problem
 from thor_min.rollout import RolloutEngine
 from thor_min.sandbox import ExecResult, Sandbox
 from thor_min.tirgen import (CRITIC_INSTRUCTIONS, Attempt, LLMCritic, RuleCritic, TIRGenConfig, cell_is_nontrivial,
-                             code_quality_ok, filter_attempts, format_ok, generate_attempts, is_repetitive, run_tirgen)
+                             code_quality_ok, filter_attempts, format_ok, generate_attempts, is_repetitive)
+from thor_min.tirgen_run import generate_rounds, part_path, run_tirgen, split_rounds
 from thor_min.trajectory import Cell, Rollout, extract_cells, split_segments
 
 SIZE = tiny.TinyModelSize(hidden_size=64, num_layers=2, intermediate_size=128, num_heads=4, num_kv_heads=2)
@@ -251,6 +253,24 @@ def test_a_round_cut_by_a_kill_mid_write_is_redone(tmp_path, tokenizer, sandbox)
     assert stats["kept_per_stage"]["attempts"] == 2 * 4, stats["kept_per_stage"]
     ids = [json.loads(line)["problem_id"] for line in raw.read_text().splitlines()]
     assert sorted(ids) == sorted(p.id for p in PROBLEMS[:4] for _ in range(2)), f"raw file not repaired: {ids}"
+
+
+def test_a_side_by_side_run_cut_short_resumes_to_what_one_process_writes(tmp_path, tokenizer, sandbox):
+    config = replace(CONFIG, one_cell_keep=0.5)     # the balance filter draws once per attempt, in problem order
+    run_tirgen(tmp_path / "alone", ScriptedActor(tokenizer, PROBLEMS, WRONG), RuleCritic(sandbox), PROBLEMS, config,
+               "tiny", problems_per_round=4)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    rounds = split_rounds(PROBLEMS, 4)               # 3 rounds: share 0 = rounds[:1], share 1 = rounds[1:]
+    generate_rounds(part_path(shared, 1), ScriptedActor(tokenizer, PROBLEMS, WRONG), RuleCritic(sandbox), rounds[1:],
+                    config, "tiny", progress=lambda done: None)   # share 1 finished; share 0 was killed first
+    actor = ScriptedActor(tokenizer, PROBLEMS, WRONG)
+    run_tirgen(shared, actor, RuleCritic(sandbox), PROBLEMS, config, "tiny", problems_per_round=4)
+    assert set(actor.requested) == {p.id for p in rounds[0]}, f"only share 0 is redone: {set(actor.requested)}"
+    assert not list(shared.glob("tirgen_raw.part-*")), "a folded part file must be removed"
+    for name in ("tirgen.jsonl", "tirgen_stats.json"):
+        assert (shared / name).read_text() == (tmp_path / "alone" / name).read_text(), \
+            f"{name}: rounds that finished out of order must give what one process writes"
 
 
 # ----------------------------------------------------------------------------------------------

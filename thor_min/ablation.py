@@ -17,8 +17,9 @@ from thor_min import distributed, side_by_side
 from thor_min.evaluate import EvalConfig, evaluate, record_dict
 from thor_min.rl import RLConfig, run_rl
 from thor_min.rollout import RolloutEngine
-from thor_min.run_context import (Run, eval_problems, load_policy, make_sandbox, prompt_encoder, record_stage,
-                                  save_policy, say, training_problems, write_lines)
+from thor_min.run_context import (Run, eval_problems, jobs_at_once, load_policy, make_sandbox, prompt_encoder,
+                                  record_stage, run_settings, save_policy, say, side_by_side_or_exit,
+                                  training_problems, write_lines)
 
 RL_VARIANTS = {  # directory -> (starts from, tools, step level)
     "rl-traj": ("sft", True, False),
@@ -61,32 +62,6 @@ def stage_rl(run: Run) -> None:
     for variant, facts in side_by_side_or_exit(jobs, run, at_once).items():
         record_stage(run, variant, side_by_side=True, **facts)
     record_stage(run, "rl-side-by-side", time.time() - started, variants=todo)
-
-
-def jobs_at_once(run: Run, count: int) -> int:
-    """How many of `count` independent jobs (RL variants, evaluation rows) run at once, each in its own process:
-    the preset's `side_by_side` (1 = one after the other); never under torchrun (the ranks already share the
-    work), and on a CPU never more than its cores hold at `cpu_threads` threads each."""
-    if count <= 1 or distributed.world_size() > 1:
-        return 1
-    at_once = min(run.preset.side_by_side, count)
-    if run.device == "cpu":
-        threads = run.preset.cpu_threads
-        at_once = min(at_once, (os.cpu_count() or 1) // threads if threads > 0 else 1)
-    return max(at_once, 1)
-
-
-def run_settings(run: Run) -> dict:
-    """What a process of its own needs to rebuild `run` (its log stays with the parent)."""
-    return {"preset": run.preset, "out": run.out, "seed": run.seed, "device": run.device, "resume": run.resume,
-            "ablation": run.ablation, "random_init": run.random_init}
-
-
-def side_by_side_or_exit(jobs: list, run: Run, at_once: int) -> dict:
-    try:
-        return side_by_side.run_side_by_side(jobs, run.log, at_once=at_once, threads=run.preset.cpu_threads)
-    except RuntimeError as error:
-        raise SystemExit(f"error: {error} (the traceback is above; --resume continues the finished parts)")
 
 
 def rl_variant_job(settings: dict, variant: str, *, log) -> dict:

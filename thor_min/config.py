@@ -37,6 +37,7 @@ class Preset:
     tirgen_temperature: float = 1.0
     tirgen_code_filter: str = "lines"  # THOR code: most cells > 5 lines (THOR.md: code over paper)
     tirgen_actor_sees_cells: bool = True   # False: the actor reads its text with cell/output blocks elided
+    tirgen_problems_per_round: int = 64   # problems per resumable round (the unit side-by-side shares split)
     # cold-start SFT
     sft_lr: float = 2e-5
     sft_epochs: float = 3.0
@@ -54,7 +55,7 @@ class Preset:
     rl_step_suffix_tokens: int = 100
     rl_step_max_new_tokens: int = 512
     rl_eval_every: int = 20
-    side_by_side: int = 1             # RL variants / eval rows run at once, one process each (thor_min.side_by_side)
+    side_by_side: int = 1             # TIRGen shares / RL variants / eval rows at once, a process each (side_by_side)
     # evaluation
     eval_samples: int = 4
     eval_temperature: float = 0.6

@@ -24,19 +24,22 @@ thor_min.distributed); real models need a GPU and a reachable (or local) model a
 import json
 import shutil
 import time
+from contextlib import contextmanager
 
 import torch
 
-from thor_min import distributed, tasks, tiny
+from thor_min import distributed, side_by_side, tasks, tiny
 from thor_min.ablation import stage_eval, stage_rl
 from thor_min.data import Problem
 from thor_min.evaluate import EvalConfig, evaluate
 from thor_min.models import build_prompt, load_model
 from thor_min.rollout import RolloutEngine
-from thor_min.run_context import Run, load_policy, make_sandbox, record_stage, save_policy, say, training_problems
+from thor_min.run_context import (Run, jobs_at_once, load_policy, make_sandbox, record_stage, run_settings, save_policy,
+                                  say, side_by_side_or_exit, training_problems)
 from thor_min.sft import (SFTConfig, TokenizedExample, format_monitor, full_text_examples, pack_examples,
                           tokenize_example, train_sft)
-from thor_min.tirgen import LLMCritic, RuleCritic, TIRGenConfig, run_tirgen
+from thor_min.tirgen import LLMCritic, RuleCritic, TIRGenConfig
+from thor_min.tirgen_run import RAW_FILE, finish_tirgen, generate_rounds, part_path, pending_problems, split_rounds
 
 STAGES = ("pretrain", "tirgen", "sft", "rl", "eval")
 ALL_CORES = torch.get_num_threads()          # torch's default, before any stage changes it
@@ -124,31 +127,78 @@ def solved_by_cot(engine, problems: list[Problem], template: str, max_new_tokens
     return {record.id for record in records if record.correct}
 
 
-def stage_tirgen(run: Run) -> None:
-    """Actor = the base policy (plain prompt), critic = rules (tiny) or an LLM; writes OUT/tirgen.jsonl."""
-    if run.resume and (run.out / "tirgen_stats.json").exists():
-        return say("tirgen: done already (OUT/tirgen.jsonl), skipping")
-    preset, started = run.preset, time.time()
-    say(f"tirgen: {preset.tirgen_problems} problems x {preset.tirgen_attempts} attempts, critic = {preset.critic}")
+def tirgen_config(run: Run) -> TIRGenConfig:
+    preset = run.preset
+    return TIRGenConfig(attempts=preset.tirgen_attempts, step_tokens=preset.tirgen_step_tokens,
+                        step_delimiter=preset.tirgen_delimiter, temperature=preset.tirgen_temperature,
+                        code_filter=preset.tirgen_code_filter, actor_sees_cells=preset.tirgen_actor_sees_cells,
+                        max_response_tokens=preset.rl_max_new_tokens, batch_size=preset.rollout_batch, seed=run.seed)
+
+
+@contextmanager
+def tirgen_actor_and_critic(run: Run):
+    """(actor engine, critic, template): the base policy in a sandbox, and the preset's critic."""
+    preset = run.preset
     model, tokenizer = load_policy(run, run.base_model(), trainable=False)
-    template = run.template(tokenizer)
-    problems = training_problems(run, preset.tirgen_problems, salt=0)
-    config = TIRGenConfig(attempts=preset.tirgen_attempts, step_tokens=preset.tirgen_step_tokens,
-                          step_delimiter=preset.tirgen_delimiter, temperature=preset.tirgen_temperature,
-                          code_filter=preset.tirgen_code_filter, actor_sees_cells=preset.tirgen_actor_sees_cells,
-                          max_response_tokens=preset.rl_max_new_tokens,
-                          batch_size=preset.rollout_batch, seed=run.seed)
     with make_sandbox(run) as sandbox:
         engine = distributed.ShardedEngine(RolloutEngine(model, tokenizer, sandbox))
         critic = RuleCritic(sandbox) if preset.critic == "rule" else LLMCritic(
             distributed.ShardedEngine(RolloutEngine(*load_model(preset.critic, device=run.device,
                                                                 random_init=run.random_init), sandbox)),
             max_new_tokens=2 * preset.tirgen_step_tokens)
-        cot_solved = solved_by_cot(engine, problems, template, preset.rl_max_new_tokens, preset.rollout_batch)
-        stats = run_tirgen(run.out, engine, critic, problems, config, template, cot_solved)
+        yield engine, critic, run.template(tokenizer)
+
+
+def stage_tirgen(run: Run) -> None:
+    """Actor = the base policy (plain prompt), critic = rules (tiny) or an LLM; writes OUT/tirgen.jsonl.
+
+    The rounds of problems still to do run in one process, or (`Preset.side_by_side` > 1) in contiguous shares
+    side by side, one process each, the plain-CoT baseline's batches dealt out among them; either way every
+    batch is the same, so the data is too (thor_min.tirgen_run)."""
+    if run.resume and (run.out / "tirgen_stats.json").exists():
+        return say("tirgen: done already (OUT/tirgen.jsonl), skipping")
+    preset, started, config = run.preset, time.time(), tirgen_config(run)
+    say(f"tirgen: {preset.tirgen_problems} problems x {preset.tirgen_attempts} attempts, critic = {preset.critic}")
+    run.out.mkdir(parents=True, exist_ok=True)
+    problems = training_problems(run, preset.tirgen_problems, salt=0)
+    raw, remaining = pending_problems(run.out, problems, config)
+    rounds = split_rounds(remaining, preset.tirgen_problems_per_round)
+    at_once = jobs_at_once(run, len(rounds))
+    if at_once > 1:
+        say(f"tirgen: {len(rounds)} rounds in {at_once} processes side by side")
+        size = preset.rollout_batch
+        chunks = [problems[start:start + size] for start in range(0, len(problems), size)]
+        shares = [rounds[j * len(rounds) // at_once:(j + 1) * len(rounds) // at_once] for j in range(at_once)]
+        jobs = [side_by_side.Job(f"tirgen {j}", "thor_min.pipeline:tirgen_job",
+                                 (run_settings(run), j, share, chunks[j::at_once]), steps=len(share))
+                for j, share in enumerate(shares)]
+        results = list(side_by_side_or_exit(jobs, run, at_once).values())
+        cot_solved, source = set().union(*(result["cot_solved"] for result in results)), results[0]["source"]
+        raw, _ = pending_problems(run.out, problems, config)
+    else:
+        with tirgen_actor_and_critic(run) as (engine, critic, template):
+            cot_solved = solved_by_cot(engine, problems, template, preset.rl_max_new_tokens, preset.rollout_batch)
+            raw += generate_rounds(run.out / RAW_FILE, engine, critic, rounds, config, template)
+            source = critic.name
+    stats = finish_tirgen(run.out, raw, problems, config, cot_solved, source=source)
     kept = stats["kept_per_stage"]["balanced"]
     say(f"tirgen: kept {kept} samples ({stats['cells_histogram']} cells per sample); see OUT/tirgen_stats.json")
-    record_stage(run, "tirgen", time.time() - started, kept=kept, cot_solved=len(cot_solved))
+    record_stage(run, "tirgen", time.time() - started, kept=kept, cot_solved=len(cot_solved), jobs=at_once)
+
+
+def tirgen_job(settings: dict, part: int, rounds: list[list[Problem]], cot_chunks: list[list[Problem]], *,
+               log) -> dict:
+    """One side-by-side share of TIRGen (thor_min.side_by_side): its rounds, appended to their own part file,
+    and its batches of the plain-CoT baseline; returns the ids those solve and the critic's name."""
+    run = Run(**settings)
+    run.log = log
+    preset = run.preset
+    with tirgen_actor_and_critic(run) as (engine, critic, template):
+        cot_solved = set().union(*(solved_by_cot(engine, chunk, template, preset.rl_max_new_tokens,
+                                                 preset.rollout_batch) for chunk in cot_chunks))
+        generate_rounds(part_path(run.out, part), engine, critic, rounds, tirgen_config(run), template,
+                        progress=log.progress)
+    return {"cot_solved": sorted(cot_solved), "source": critic.name}
 
 
 def sft_examples(run: Run, tokenizer, records: list[dict], tools: bool) -> list[TokenizedExample] | None:

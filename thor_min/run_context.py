@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from thor_min import distributed, tasks
+from thor_min import distributed, side_by_side, tasks
 from thor_min.config import Preset
 from thor_min.data import Problem, load_problems
 from thor_min.metrics import MetricsLog
@@ -140,6 +140,36 @@ def _write_policy(run: Run, model, tokenizer, name: str, weights: dict | None) -
     shutil.rmtree(target, ignore_errors=True)
     os.replace(temp, target)
     return target
+
+
+# ----------------------------------------------------------------------------------------------
+# Jobs side by side (thor_min.side_by_side): RL variants, eval rows, TIRGen rounds
+
+
+def jobs_at_once(run: Run, count: int) -> int:
+    """How many of `count` independent jobs (shares of TIRGen rounds, RL variants, evaluation rows) run at once,
+    each in its own process: the preset's `side_by_side` (1 = one after the other); never under torchrun (the
+    ranks already share the work), and on a CPU never more than its cores hold at `cpu_threads` threads each."""
+    if count <= 1 or distributed.world_size() > 1:
+        return 1
+    at_once = min(run.preset.side_by_side, count)
+    if run.device == "cpu":
+        threads = run.preset.cpu_threads
+        at_once = min(at_once, (os.cpu_count() or 1) // threads if threads > 0 else 1)
+    return max(at_once, 1)
+
+
+def run_settings(run: Run) -> dict:
+    """What a process of its own needs to rebuild `run` (its log stays with the parent)."""
+    return {"preset": run.preset, "out": run.out, "seed": run.seed, "device": run.device, "resume": run.resume,
+            "ablation": run.ablation, "random_init": run.random_init}
+
+
+def side_by_side_or_exit(jobs: list, run: Run, at_once: int) -> dict:
+    try:
+        return side_by_side.run_side_by_side(jobs, run.log, at_once=at_once, threads=run.preset.cpu_threads)
+    except RuntimeError as error:
+        raise SystemExit(f"error: {error} (the traceback is above; --resume continues the finished parts)")
 
 
 def make_sandbox(run: Run) -> Sandbox:

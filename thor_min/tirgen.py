@@ -16,23 +16,19 @@ and splices the real output) and `RuleCritic` (the tiny world: each `EXPR = VALU
 Then the multi-stage filter (`filter_attempts`, each stage counted): format, correct answer, code quality
 (every cell passes; non-trivial: a library call or control flow, or the line-count variant), repetition,
 difficulty (drop problems a plain-CoT baseline solves), one sample per problem, balance (down-sample the
-one-cell bucket). Attempts are appended to `tirgen_raw.jsonl` as problems finish, so a killed run resumes
-where it stopped; the filter then rebuilds `tirgen.jsonl` and `tirgen_stats.json` from the raw file.
+one-cell bucket). Running it resumably over many problems, in rounds (one process or side by side), is
+thor_min.tirgen_run.
 Limits: the actor's chunk must not contain a fence itself (such attempts are dropped: code comes from the
 critic only); the LLM critic prompt is ours and short, so weak critics rewrite poorly.
 """
 
 import ast
-import json
 import random
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
-from tqdm.auto import tqdm
-
-from thor_min import distributed, tasks
+from thor_min import tasks
 from thor_min.data import Problem
 from thor_min.grader import extract_boxed, grade_batch
 from thor_min.models import build_prompt
@@ -318,69 +314,3 @@ def filter_attempts(attempts: list[Attempt], problems: dict[str, Problem], confi
              "cells_histogram": dict(sorted(Counter(r["n_cells"] for r in records).items())),
              "kinds": dict(Counter(problems[r["id"]].kind for r in records))}
     return records, stats
-
-
-def _load_raw(raw_path: Path, attempts: int) -> list[Attempt]:
-    """The attempts of finished problems. A round cut by a kill mid-write (a truncated last line, a problem
-    with fewer than `attempts` rows) is dropped, and the file rewritten clean, so those problems are redone."""
-    if not raw_path.exists():
-        return []
-    text, raw = raw_path.read_text(), []
-    for line in text.splitlines(keepends=True):
-        try:
-            if not line.endswith("\n"):
-                raise ValueError("unterminated line")
-            raw.append(Attempt(**json.loads(line)))
-        except (ValueError, TypeError):   # the write in flight when the run was killed
-            break
-    counts = Counter(a.problem_id for a in raw)
-    complete = [a for a in raw if counts[a.problem_id] >= attempts]
-    _write_clean(raw_path, text, "".join(json.dumps(asdict(a)) + "\n" for a in complete))
-    return complete
-
-
-@distributed.rank_zero_writes
-def _write_clean(raw_path: Path, text: str, clean: str) -> None:
-    """Atomically replace the raw file by its complete rounds (other ranks read the old or the new file)."""
-    if clean != text:
-        temp = raw_path.with_suffix(".tmp")
-        temp.write_text(clean)
-        temp.replace(raw_path)
-
-
-@distributed.rank_zero_writes
-def _append_attempts(raw_path: Path, attempts: list[Attempt]) -> None:
-    with raw_path.open("a") as handle:
-        for attempt in attempts:
-            handle.write(json.dumps(asdict(attempt)) + "\n")
-
-
-@distributed.rank_zero_writes
-def _write_outputs(out_dir: Path, records: list[dict], stats: dict) -> None:
-    with (out_dir / "tirgen.jsonl").open("w") as handle:
-        for record in records:
-            handle.write(json.dumps(record) + "\n")
-    (out_dir / "tirgen_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-
-
-def run_tirgen(out_dir: str | Path, engine, critic, problems: list[Problem], config: TIRGenConfig, template: str,
-               cot_solved: set[str] | None = None, problems_per_round: int = 64) -> dict:
-    """Resumable TIRGen: attempts are appended to tirgen_raw.jsonl per round of problems; the filter then
-    writes tirgen.jsonl and tirgen_stats.json from every raw attempt of `problems`."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    raw_path = out_dir / "tirgen_raw.jsonl"
-    raw = _load_raw(raw_path, config.attempts)
-    done = {a.problem_id for a in raw}
-    remaining = [p for p in problems if p.id not in done]
-    rounds = range(0, len(remaining), problems_per_round)
-    for start in tqdm(rounds, desc="tirgen", unit="round", dynamic_ncols=True):
-        batch = remaining[start:start + problems_per_round]
-        attempts = generate_attempts(engine, critic, batch, config, template)
-        _append_attempts(raw_path, attempts)
-        raw += attempts
-    wanted = {p.id: p for p in problems}
-    records, stats = filter_attempts([a for a in raw if a.problem_id in wanted], wanted, config, cot_solved,
-                                     source=getattr(critic, "name", "critic"))
-    _write_outputs(out_dir, records, stats)
-    return stats

@@ -51,7 +51,8 @@ from thor_min.rl import ProblemStream, RLConfig, rl_step
 from thor_min.rollout import RolloutEngine, RolloutRequest, SamplingConfig
 from thor_min.sandbox import Sandbox
 from thor_min.sft import SFTConfig, tokenize_example, train_sft
-from thor_min.tirgen import LLMCritic, TIRGenConfig, run_tirgen
+from thor_min.tirgen import LLMCritic, TIRGenConfig
+from thor_min.tirgen_run import run_tirgen
 
 GIB = 2**30
 SCRIPT = [" We", " compute", ":\n", "```", "python", "\n", "print", "(", "8", " /", " ", ("2", "0"), ")\n", "``"]
