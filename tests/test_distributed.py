@@ -111,9 +111,7 @@ def test_a_killed_rank_ends_the_run_and_resume_continues_on_any_number_of_ranks(
     assert latest in ("ckpt-0000002", "ckpt-0000003"), f"checkpoint {latest}: at most the step in flight is lost"
     logged = len((tmp_path / "metrics.jsonl").read_text().splitlines())
     # the 2-rank FSDP2 checkpoint resumes in one process (to step 4), and that one on 2 ranks again (to 6)
-    alone = subprocess.run([sys.executable, str(WORKER), "sft", str(tmp_path), "--resume", "--steps", "4"],
-                           cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
-    assert alone.returncode == 0, f"--resume in one process failed: {alone.stderr[-3000:]}"
+    distributed_worker.sft_run(tmp_path, resume=True, kill_at=None, total_steps=4)   # world size 1, in this process
     resumed = torchrun("sft", tmp_path, "--resume")
     assert resumed.returncode == 0, f"--resume failed: {resumed.stderr[-3000:]}"
     rows = (tmp_path / "metrics.jsonl").read_text().splitlines()[logged:]

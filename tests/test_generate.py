@@ -1,10 +1,8 @@
-"""generate.py: problem mode and benchmark mode as subprocesses on a tiny trained model dir; bad input -> exit 2."""
+"""generate.py: problem mode and benchmark mode on a tiny trained model dir (its main in this process, as the
+interpreter would run it, without paying for another interpreter's start-up); bad input -> exit 2."""
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -44,38 +42,49 @@ def data_file(tmp_path_factory):
     return path
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(ROOT / "generate.py"), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
 @pytest.fixture(scope="module")
 def cli():
-    """generate.py imported as a module, for the fast in-process error checks."""
+    """generate.py imported as a module: its main runs in this process."""
     spec = importlib.util.spec_from_file_location("generate_cli", ROOT / "generate.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
+@pytest.fixture
+def run_cli(cli, capfd):
+    """generate.py's main on these flags, on 1 torch thread: (exit code, stdout, stderr)."""
+    def run(*args: str) -> tuple[int, str, str]:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            code = cli.main(list(args))
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+        finally:
+            torch.set_num_threads(threads)
+        captured = capfd.readouterr()
+        return code, captured.out, captured.err
+    return run
+
+
 @pytest.mark.slow
-def test_problem_mode_prints_code_and_outputs(model_dir, tmp_path):
+def test_problem_mode_prints_code_and_outputs(run_cli, model_dir, tmp_path):
     out = tmp_path / "samples.jsonl"
-    result = run_cli("--model", str(model_dir), "A", "C", "--out", str(out), *FAST)
-    assert result.returncode == 0, result.stderr
-    assert "```python\nprint(2 + 3)\n```\n```output\n5\n```" in result.stdout, "code and its output are shown"
-    assert "answer: 5 | cells: 1 (1 passed)" in result.stdout and "answer: 7 | cells: 0" in result.stdout
+    code, stdout, stderr = run_cli("--model", str(model_dir), "A", "C", "--out", str(out), *FAST)
+    assert code == 0, stderr
+    assert "```python\nprint(2 + 3)\n```\n```output\n5\n```" in stdout, "code and its output are shown"
+    assert "answer: 5 | cells: 1 (1 passed)" in stdout and "answer: 7 | cells: 0" in stdout
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["problem"] for r in records] == ["A", "C"] and records[0]["cells"][0]["observation"] == "5"
 
 
 @pytest.mark.slow
-def test_benchmark_mode_writes_samples_and_summary(model_dir, data_file, tmp_path):
+def test_benchmark_mode_writes_samples_and_summary(run_cli, model_dir, data_file, tmp_path):
     out, summary_path = tmp_path / "out" / "samples.jsonl", tmp_path / "summary.json"
-    result = run_cli("--model", str(model_dir), "--data", str(data_file), "--samples", "2", "--out", str(out),
-                     "--summary", str(summary_path), *FAST)
-    assert result.returncode == 0, result.stderr
+    code, stdout, stderr = run_cli("--model", str(model_dir), "--data", str(data_file), "--samples", "2", "--out",
+                                   str(out), "--summary", str(summary_path), *FAST)
+    assert code == 0, stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 6, "one JSON object per sample"
     for record in records:
@@ -87,15 +96,15 @@ def test_benchmark_mode_writes_samples_and_summary(model_dir, data_file, tmp_pat
                 "tokens", "problems", "samples"):
         assert key in summary, f"summary lacks {key}"
     assert summary["accuracy"] == pytest.approx(2 / 3) and summary["problems"] == 3
-    assert "accuracy (avg@2)" in result.stdout and "pass@2" in result.stdout, "the summary table is printed"
+    assert "accuracy (avg@2)" in stdout and "pass@2" in stdout, "the summary table is printed"
 
 
 @pytest.mark.slow
-def test_unknown_model_is_one_line_and_exit_2():
-    result = run_cli("--model", "no-such-model", "What is 1+1?")
-    assert result.returncode == 2
-    assert len(result.stderr.strip().splitlines()) == 1 and "no-such-model" in result.stderr, result.stderr
-    assert "Traceback" not in result.stderr
+def test_unknown_model_is_one_line_and_exit_2(run_cli):
+    code, _, stderr = run_cli("--model", "no-such-model", "What is 1+1?")
+    assert code == 2
+    assert len(stderr.strip().splitlines()) == 1 and "no-such-model" in stderr, stderr
+    assert "Traceback" not in stderr
 
 
 def assert_one_line_error(cli, capsys, argv, expected: str) -> None:

@@ -39,24 +39,36 @@ def test_an_unknown_flag_is_a_usage_error():
     assert result.returncode == 2 and "unrecognized arguments" in result.stderr, "argparse must reject it"
 
 
-def test_a_full_run_into_a_used_directory_needs_resume_or_overwrite(tmp_path):
+def in_process(capfd, *args) -> tuple[int, str]:
+    """train.py's main in this process (no interpreter start-up): its exit code and what it wrote to stderr."""
+    try:
+        code = train_cli.main(list(args))
+    except SystemExit as exit_:      # what the interpreter does with SystemExit("error: ...")
+        code = exit_.code if isinstance(exit_.code, int) else 1
+        if isinstance(exit_.code, str):
+            print(exit_.code, file=sys.stderr)
+    return code, capfd.readouterr().err
+
+
+def test_a_full_run_into_a_used_directory_needs_resume_or_overwrite(tmp_path, capfd):
     (tmp_path / "metrics.jsonl").write_text("{}\n")
-    result = train("--out", str(tmp_path))
-    assert result.returncode != 0, "starting over a previous run must not proceed silently"
-    assert "--resume" in result.stderr and "--overwrite" in result.stderr, f"the error names the fix: {result.stderr}"
+    code, stderr = in_process(capfd, "--out", str(tmp_path))
+    assert code != 0, "starting over a previous run must not proceed silently"
+    assert "--resume" in stderr and "--overwrite" in stderr, f"the error names the fix: {stderr}"
     assert (tmp_path / "metrics.jsonl").exists(), "nothing of the previous run is lost"
 
 
-def test_sft_without_tirgen_data_is_one_clear_line(tmp_path):
-    result = train("--stage", "sft", "--out", str(tmp_path))
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert result.returncode != 0 and len(lines) == 1 and "tirgen" in lines[0], f"one line naming the fix: {lines}"
+def test_sft_without_tirgen_data_is_one_clear_line(tmp_path, capfd):
+    code, stderr = in_process(capfd, "--stage", "sft", "--out", str(tmp_path))
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    assert code != 0 and len(lines) == 1 and "tirgen" in lines[0], f"one line naming the fix: {lines}"
 
 
-def test_an_unloadable_model_is_one_clear_line(tmp_path):
-    result = train("--model", str(tmp_path / "missing"), "--stage", "eval", "--out", str(tmp_path / "out"))
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), f"got: {lines}"
+def test_an_unloadable_model_is_one_clear_line(tmp_path, capfd):
+    code, stderr = in_process(capfd, "--model", str(tmp_path / "missing"), "--stage", "eval", "--out",
+                              str(tmp_path / "out"))
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), f"got: {lines}"
 
 
 def test_flags_override_the_preset():
@@ -81,9 +93,10 @@ def test_ablation_flags_pick_the_rl_variant(flag, variants):
     assert run.preset.rl_variants == variants, f"{flag} must select {variants}"
 
 
-def test_a_stage_without_its_input_names_the_stage_to_run(tmp_path):
-    result = train("--stage", "tirgen", "--out", str(tmp_path))
-    assert result.returncode != 0 and "run --stage pretrain first" in result.stderr, f"got: {result.stderr}"
+def test_a_stage_without_its_input_names_the_stage_to_run(tmp_path, capfd):
+    code, stderr = in_process(capfd, "--stage", "tirgen", "--out", str(tmp_path))
+    assert code != 0 and "run --stage pretrain first" in stderr, f"got: {stderr}"
+    assert "Traceback" not in stderr and "failed" not in stderr, f"one clear line, from this process: {stderr}"
 
 
 def _checkpoint_step(out: Path) -> int:
@@ -93,18 +106,18 @@ def _checkpoint_step(out: Path) -> int:
 
 @pytest.mark.slow
 def test_a_run_killed_with_sigkill_resumes_and_loses_at_most_the_step_in_flight(tmp_path):
-    args = ["--stage", "pretrain", "--out", str(tmp_path), "--pretrain-steps", "50", "--pretrain-batch", "1",
+    args = ["--stage", "pretrain", "--out", str(tmp_path), "--pretrain-steps", "24", "--pretrain-batch", "1",
             "--checkpoint-every", "1"]
     process = subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, env=ENV,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
-    while _checkpoint_step(tmp_path) < 10 and time.time() < deadline and process.poll() is None:
+    while _checkpoint_step(tmp_path) < 6 and time.time() < deadline and process.poll() is None:
         time.sleep(0.2)
     process.send_signal(signal.SIGKILL)
     process.wait()
     killed_at = time.time()
     saved = _checkpoint_step(tmp_path)
-    assert 10 <= saved < 50, f"the run should have been killed mid-way, checkpoint at step {saved}"
+    assert 6 <= saved < 24, f"the run should have been killed mid-way, checkpoint at step {saved}"
     assert not (tmp_path / "base" / "config.json").exists(), "a killed stage must not leave a finished model"
     logged_before = max(json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines())
 
@@ -114,7 +127,7 @@ def test_a_run_killed_with_sigkill_resumes_and_loses_at_most_the_step_in_flight(
     resumed = [row["step"] for row in rows if row["time"] > killed_at]
     assert min(resumed) >= logged_before, f"resumed at step {min(resumed)}, more than the step in flight was lost"
     assert min(resumed) == saved + 1, "training continues right after the last checkpoint"
-    assert max(resumed) == 50 and (tmp_path / "base" / "config.json").exists(), "the resumed stage finishes"
+    assert max(resumed) == 24 and (tmp_path / "base" / "config.json").exists(), "the resumed stage finishes"
 
 
 def test_plain_cot_sft_uses_the_references_of_the_tirgen_problems(tmp_path, tokenizer):

@@ -17,8 +17,8 @@ and the `Run` every stage takes, with the helpers they share, in thor_min.run_co
 
 A finished stage leaves its model directory (written last); with `--resume` finished stages are skipped and
 an interrupted one continues from its checkpoint under OUT/checkpoints/. Limits: stages run one after the
-other (RL variants and eval rows side by side with `Preset.side_by_side`; under torchrun, one rank per GPU:
-thor_min.distributed); real models need a GPU and a reachable (or local) model and dataset.
+other (TIRGen shares, RL variants and eval rows side by side with `Preset.side_by_side`; under torchrun, one
+rank per GPU: thor_min.distributed); real models need a GPU and a reachable (or local) model and dataset.
 """
 
 import json
@@ -158,6 +158,7 @@ def stage_tirgen(run: Run) -> None:
     if run.resume and (run.out / "tirgen_stats.json").exists():
         return say("tirgen: done already (OUT/tirgen.jsonl), skipping")
     preset, started, config = run.preset, time.time(), tirgen_config(run)
+    run.base_model()                                 # no base: one clear line here, not one per side-by-side job
     say(f"tirgen: {preset.tirgen_problems} problems x {preset.tirgen_attempts} attempts, critic = {preset.critic}")
     run.out.mkdir(parents=True, exist_ok=True)
     problems = training_problems(run, preset.tirgen_problems, salt=0)

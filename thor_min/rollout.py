@@ -17,7 +17,8 @@ generate.py). It is a hand-written sampler over any transformers causal LM (no `
   cells at different steps, and with forced tokens no row waits for another; rollback (below) needs no extra
   mechanism. The cost is one step per observation token for that row, paid in parallel with the others.
 - Randomness is per row: row (request r, sample s) draws its uniforms from its own stream seeded by
-  (seed, r, s), so a rollout does not depend on when cells finish, on the batch size or on the other rows.
+  (seed, r, s), so its draws do not depend on when cells finish, on the batch size or on the other rows (its
+  logits only up to the float rounding of other batch shapes: thor_min.sampling).
 - Self-correction (THOR section 5): a failed cell is thrown away together with `backtrack_tokens` more
   tokens (never crossing the last observation) and resampled, up to `self_correct` times per failing
   cell; then the failure is kept and generation goes on. Rolling back re-masks the discarded columns and

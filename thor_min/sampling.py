@@ -2,8 +2,10 @@
 
 Why inverse CDF: the rollout engine samples one token for every live row at every step; on a CPU,
 `torch.multinomial` or Gumbel noise over a `[rows, vocab]` tensor costs more than the tiny model's forward.
-One uniform per row (drawn from that row's own random stream, so a rollout is reproducible whatever else is
-in the batch) and a `searchsorted` over the cumulative distribution is exact and cheap.
+One uniform per row (drawn from that row's own random stream, so its draws do not depend on what else is in
+the batch) and a `searchsorted` over the cumulative distribution is exact and cheap. The logits can: a CPU's
+matmul may round a row differently in a batch of another size (measured on an Intel Ice Lake Xeon: 1 and 2 rows
+against 3 or more), so a token can move to a neighbour when its uniform lies within that noise of a boundary.
 The returned log-prob is always under softmax(logits / T), before top-k/top-p truncation: RL samples with
 temperature only (THOR.md section 7), so for training rollouts it is exactly the behaviour policy.
 """
