@@ -39,7 +39,8 @@ from thor_min.run_context import (Run, jobs_at_once, load_policy, make_sandbox, 
 from thor_min.sft import (SFTConfig, TokenizedExample, format_monitor, full_text_examples, pack_examples,
                           tokenize_example, train_sft)
 from thor_min.tirgen import LLMCritic, RuleCritic, TIRGenConfig
-from thor_min.tirgen_run import RAW_FILE, finish_tirgen, generate_rounds, part_path, pending_problems, split_rounds
+from thor_min.tirgen_run import (RAW_FILE, finish_tirgen, fold_parts, generate_rounds, part_path, pending_problems,
+                                 split_rounds)
 
 STAGES = ("pretrain", "tirgen", "sft", "rl", "eval")
 ALL_CORES = torch.get_num_threads()          # torch's default, before any stage changes it
@@ -167,15 +168,14 @@ def stage_tirgen(run: Run) -> None:
     at_once = jobs_at_once(run, len(rounds))
     if at_once > 1:
         say(f"tirgen: {len(rounds)} rounds in {at_once} processes side by side")
-        size = preset.rollout_batch
-        chunks = [problems[start:start + size] for start in range(0, len(problems), size)]
+        chunks = split_rounds(problems, preset.rollout_batch)        # the plain-CoT baseline's batches
         shares = [rounds[j * len(rounds) // at_once:(j + 1) * len(rounds) // at_once] for j in range(at_once)]
         jobs = [side_by_side.Job(f"tirgen {j}", "thor_min.pipeline:tirgen_job",
                                  (run_settings(run), j, share, chunks[j::at_once]), steps=len(share))
                 for j, share in enumerate(shares)]
         results = list(side_by_side_or_exit(jobs, run, at_once).values())
         cot_solved, source = set().union(*(result["cot_solved"] for result in results)), results[0]["source"]
-        raw, _ = pending_problems(run.out, problems, config)
+        raw += fold_parts(run.out, config)
     else:
         with tirgen_actor_and_critic(run) as (engine, critic, template):
             cot_solved = solved_by_cot(engine, problems, template, preset.rl_max_new_tokens, preset.rollout_batch)

@@ -75,22 +75,29 @@ def part_path(out_dir: Path, part: int) -> Path:
     return Path(out_dir) / f"tirgen_raw.part-{part}.jsonl"
 
 
-def pending_problems(out_dir: Path, problems: list[Problem],
-                     config: TIRGenConfig) -> tuple[list[Attempt], list[Problem]]:
-    """The raw attempts so far (side-by-side part files folded in first, in part order) and the problems left."""
-    raw_path = Path(out_dir) / RAW_FILE
-    raw = _load_raw(raw_path, config.attempts)
+def fold_parts(out_dir: Path, config: TIRGenConfig) -> list[Attempt]:
+    """Append the finished attempts of the side-by-side part files, in part order, to RAW_FILE and remove the
+    parts; return those attempts."""
+    folded = []
     for part in sorted(Path(out_dir).glob("tirgen_raw.part-*.jsonl"), key=lambda path: int(path.stem.split("-")[-1])):
         finished = _load_raw(part, config.attempts)
-        _append_attempts(raw_path, finished)
+        _append_attempts(Path(out_dir) / RAW_FILE, finished)
         distributed.rank_zero_writes(part.unlink)()
-        raw += finished
+        folded += finished
+    return folded
+
+
+def pending_problems(out_dir: Path, problems: list[Problem],
+                     config: TIRGenConfig) -> tuple[list[Attempt], list[Problem]]:
+    """The raw attempts so far (a cut-short side-by-side run's parts folded in) and the problems left."""
+    raw = _load_raw(Path(out_dir) / RAW_FILE, config.attempts) + fold_parts(out_dir, config)
     done = {a.problem_id for a in raw}
     return raw, [p for p in problems if p.id not in done]
 
 
-def split_rounds(problems: list[Problem], problems_per_round: int) -> list[list[Problem]]:
-    return [problems[start:start + problems_per_round] for start in range(0, len(problems), problems_per_round)]
+def split_rounds(problems: list[Problem], size: int) -> list[list[Problem]]:
+    """Consecutive slices of `size` problems: TIRGen's rounds, or the plain-CoT baseline's batches."""
+    return [problems[start:start + size] for start in range(0, len(problems), size)]
 
 
 def generate_rounds(raw_path: Path, engine, critic, rounds: list[list[Problem]], config: TIRGenConfig, template: str,
