@@ -1,6 +1,6 @@
 """One preset per model alias: every default hyperparameter of the pipeline, in one place.
 
-`tiny` is the embedded default that runs THOR end to end on a 2-core CPU in about 10 minutes (Zen 4; step budgets,
+`tiny` is the embedded default that runs THOR end to end on a 2-core CPU in about 6 minutes (Zen 4; step budgets,
 not time budgets, and a shipped base, so a run does the same work on any machine). The Qwen presets follow THOR.md (group size 16,
 T = 1, clip-higher 0.2/0.28, lr 1e-6 full fine-tuning, 3,200-token responses, 5 cells in training and 10 at
 inference, L_suf 100 in training and 500 at inference) sized for one GPU: LoRA r = 64 on a bf16 (1.5B, 1.7B)
@@ -96,8 +96,9 @@ PRESETS: dict[str, Preset] = {
     # - SFT uses lr 1e-3 and 25 epochs because the data is a few hundred samples for a 1 M-parameter model
     #   (measured on seed 0's ~390 samples: 40 epochs overfit, the cold start garbled the long sum-of-squares and
     #   sum-of-range code, 0% on both, and RL never recovered squares; 25 epochs: 10% and 90% at the cold start);
-    # - RL: G = 8 x 8 prompts, lr 1e-4, L_suf 8 tokens (responses are ~50 tokens), 50 steps per variant (from this
-    #   base's ~75% cold start, 100 steps added little: greedy eval 0.86 at step 40, 0.89 at 100 on seed 0);
+    # - RL: G = 8 x 8 prompts, lr 1e-4, L_suf 8 tokens (responses are ~50 tokens), 40 steps per variant (from this
+    #   base's ~75% cold start more added little: greedy eval on seed 0, Zen 4, 0.891 at step 40 and 50 for rl-traj,
+    #   0.906 and 0.922 for rl; 40 keeps a 2x slower 2-core machine well inside 15 minutes);
     # - the two RL variants train side by side, and the eval rows run in two halves side by side, one process per
     #   core (thor_min.side_by_side: the same work as one after the other; RL 1.5x faster, measured);
     # - one torch thread in the sampling stages (TIRGen, RL, eval): a 64-row decode step of a 1 M-parameter model
@@ -110,7 +111,7 @@ PRESETS: dict[str, Preset] = {
         tirgen_problems=600, tirgen_attempts=8, tirgen_step_tokens=48, tirgen_delimiter="\n",
         tirgen_temperature=0.7, tirgen_code_filter="none", tirgen_actor_sees_cells=False,
         sft_lr=1e-3, sft_epochs=25.0, sft_batch=32,
-        rl_variants=("rl-traj", "rl"), rl_steps=50, rl_prompts=8, rl_group=8, rl_lr=1e-4, rl_minibatches=2,
+        rl_variants=("rl-traj", "rl"), rl_steps=40, rl_prompts=8, rl_group=8, rl_lr=1e-4, rl_minibatches=2,
         rl_max_new_tokens=160,
         rl_min_response_tokens=8, rl_step_suffix_tokens=8, rl_step_max_new_tokens=64, rl_eval_every=20,
         side_by_side=2,
