@@ -1,6 +1,6 @@
 """One preset per model alias: every default hyperparameter of the pipeline, in one place.
 
-`tiny` is the embedded default that runs THOR end to end on a 2-core CPU in about 6 minutes (Zen 4; step budgets,
+`tiny` is the embedded default that runs THOR end to end on a 2-core CPU in 5-6 minutes (Zen 4; step budgets,
 not time budgets, and a shipped base, so a run does the same work on any machine). The Qwen presets follow THOR.md (group size 16,
 T = 1, clip-higher 0.2/0.28, lr 1e-6 full fine-tuning, 3,200-token responses, 5 cells in training and 10 at
 inference, L_suf 100 in training and 500 at inference) sized for one GPU: LoRA r = 64 on a bf16 (1.5B, 1.7B)
@@ -97,7 +97,7 @@ PRESETS: dict[str, Preset] = {
     #   (measured on seed 0's ~390 samples: 40 epochs overfit, the cold start garbled the long sum-of-squares and
     #   sum-of-range code, 0% on both, and RL never recovered squares; 25 epochs: 10% and 90% at the cold start);
     # - RL: G = 8 x 8 prompts, lr 1e-4, L_suf 8 tokens (responses are ~50 tokens), 40 steps per variant (from this
-    #   base's ~75% cold start more added little: greedy eval on seed 0, Zen 4, 0.891 at step 40 and 50 for rl-traj,
+    #   base's ~75% cold start, steps past 40 added little: greedy eval on seed 0, Zen 4, 0.891 at step 40 and 50 for rl-traj,
     #   0.906 and 0.922 for rl; 40 keeps a 2x slower 2-core machine well inside 15 minutes);
     # - the two RL variants train side by side, and the eval rows run in two halves side by side, one process per
     #   core (thor_min.side_by_side: the same work as one after the other; RL 1.5x faster, measured);
