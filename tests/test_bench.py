@@ -6,6 +6,7 @@ import pytest
 
 from thor_min.bench import __main__ as bench_cli
 from thor_min.bench import rl_step
+from thor_min.bench import rollout as rollout_bench
 
 SMALL = ["--prompts", "2", "--group", "2", "--new-tokens", "6", "--minibatches", "2", "--repeats", "1",
          "--fit-steps", "0"]
@@ -45,3 +46,18 @@ def test_our_bench_step_samples_every_row_and_takes_one_update_per_minibatch():
     assert len(lengths) == 4 and all(1 <= n <= 6 for n in lengths), f"P*G completions of <= N tokens: {lengths}"
     steps = {int(state["step"]) for state in optimizer.state.values()}
     assert steps == {2}, f"--minibatches 2 means two optimiser steps over every parameter, got {steps}"
+
+
+def test_rollout_bench_reports_the_median_of_interleaved_pair_ratios():
+    calls = []
+    ours_s, theirs_s = rollout_bench.timed_pairs(lambda: calls.append("ours"), lambda: calls.append("theirs"), 3)
+    assert calls == ["ours", "theirs"] * 4, f"one warm-up call each, then pairs, ours first: {calls}"
+    timing = rollout_bench.Timing(ours_s=[1.0, 2.0, 1.0], theirs_s=[2.0, 2.0, 3.0], ours_tokens=10, theirs_tokens=10)
+    assert timing.ratios == [1.0, 2.0, 3.0], f"per-pair ratios of tokens/s, sorted: {timing.ratios}"
+    assert "2.00x (median of 3 interleaved pairs, range 1.00-3.00x)" in timing.ratio_line("r"), timing.ratio_line("r")
+
+
+def test_rollout_bench_rejects_zero_repeats(capsys):
+    with pytest.raises(SystemExit):
+        rollout_bench.parse_args(["--repeats", "0"])
+    assert "--repeats must be >= 1" in capsys.readouterr().err, "the error must name the flag"

@@ -7,7 +7,7 @@ generate.py). It is a hand-written sampler over any transformers causal LM (no `
 - One forward per step for all live rows, each writing the same column of a preallocated cache
   (`thor_min.kvcache`); per-row positions and a per-row column mask make left padding, tool output
   and rollbacks exact. Finished rows are dropped from the batch when half of it is done. For Qwen2/Qwen3
-  models the step skips transformers' per-call wrappers (`thor_min.decode`, bitwise the same logits).
+  models the step skips transformers' per-call wrappers (`thor_min.decode`, the same logits up to float rounding).
 - Tool calls. When a row's text closes a ```python block, the cells closed at that step are submitted
   together to the sandbox in a background thread, and generation goes on: the row waits (feeding nothing,
   its column masked) while every other row keeps sampling, so a slow cell never stalls the batch; only when

@@ -23,22 +23,27 @@ each side and their ratio (`... ratio (ours / transformers): X.XXx`).
       text, and call `generate` again on the whole re-tokenised text of every unfinished row, until none is left.
     tokens/s = tokens the model wrote (observations excluded) / wall time, each side counting its own.
 
-What the ratios mean: (a) isolates per-step overhead and group replication (transformers prefills each prompt G
-times and concatenates its DynamicCache every step; we prefill once and write a preallocated cache in place).
+What the ratios mean: (a) isolates per-step overhead, group replication and the attention kernel (transformers
+prefills each prompt G times, concatenates its DynamicCache every step and calls SDPA's fused CPU kernel; we
+prefill once, write a preallocated cache in place and multiply explicitly, `thor_min.decode.decode_attention`).
 (b) adds what tool calls cost: the transformers loop re-prefills every row's whole text after each round of cells,
 every row of a round waits for the slowest one, and cells run while the whole batch waits. With `--long-words 1` all
-rows stay in lockstep, the transformers loop's best case. Timing: best wall clock of `--repeats` calls per side after
-a warm-up call. CPU numbers depend heavily on the thread count and on other load. In (b) both sides use
-CPUs - `--workers` torch threads by default: our engine runs cells while the model decodes, so cells need cores
-the forward pass does not take, as on a GPU (on 2 cores with 2 threads the two contend and the ratio drops
-from ~3.9x to 2.6-3.1x, measured; the transformers loop never overlaps them). Limits: a ~1 M-parameter model on a CPU; on a GPU with a real model the forward pass and cell time
+rows stay in lockstep, the transformers loop's best case. Timing: after one warm-up call of each side, `--repeats`
+pairs of calls, ours then theirs (`timed_pairs`); the printed ratio is the median of the pairs' ratios, with its
+range, and tokens/s come from each side's fastest call. CPU numbers depend heavily on the thread count and on
+other load. In (b) both sides use CPUs - `--workers` torch threads by default: our engine runs cells while the
+model decodes, so cells need cores the forward pass does not take, as on a GPU (on 2 cores with 2 threads the two
+contend and the ratio drops from ~3.9x to 2.6-3.1x, measured; the transformers loop never overlaps them).
+Limits: a ~1 M-parameter model on a CPU; on a GPU with a real model the forward pass and cell time
 weigh differently.
 """
 
 import argparse
 import os
 import random
+import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -105,8 +110,8 @@ def tool_answers(count: int, seed: int = 0, long_words: int = 48) -> list[tuple[
 # (a) plain decode
 
 
-def bench_plain(model, tokenizer, args) -> tuple[float, float]:
-    """tokens/s of (ours, model.generate) for P*G rows of exactly N new tokens."""
+def bench_plain(model, tokenizer, args) -> "Timing":
+    """Timings of ours and model.generate for P*G rows of exactly N new tokens."""
     generator = torch.Generator().manual_seed(args.seed)
     prompts = torch.randint(2, len(tokenizer), (args.prompts, args.prompt_tokens), generator=generator)
     engine = RolloutEngine(model, tokenizer)
@@ -124,18 +129,50 @@ def bench_plain(model, tokenizer, args) -> tuple[float, float]:
                                   max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
 
     tokens = args.prompts * args.samples * args.new_tokens
-    return tokens / timed(ours, args.repeats), tokens / timed(transformers_generate, args.repeats)
+    return Timing(*timed_pairs(ours, transformers_generate, args.repeats), tokens, tokens)
 
 
-def timed(fn, repeats: int) -> float:
-    """Best wall time of `repeats` calls, after one warm-up call."""
-    fn()
-    best = float("inf")
+@dataclass
+class Timing:
+    """Wall times of interleaved (ours, theirs) call pairs and the tokens each side's call produces."""
+
+    ours_s: list[float]
+    theirs_s: list[float]
+    ours_tokens: int
+    theirs_tokens: int
+
+    @property
+    def speeds(self) -> tuple[float, float]:
+        """tokens/s of (ours, theirs), each from its fastest call."""
+        return self.ours_tokens / min(self.ours_s), self.theirs_tokens / min(self.theirs_s)
+
+    @property
+    def ratios(self) -> list[float]:
+        """ours / theirs in tokens/s, one per pair, sorted."""
+        return sorted((self.ours_tokens / ours) / (self.theirs_tokens / theirs)
+                      for ours, theirs in zip(self.ours_s, self.theirs_s))
+
+    def ratio_line(self, what: str) -> str:
+        ratios = self.ratios
+        return (f"{what}: {statistics.median(ratios):.2f}x (median of {len(ratios)} interleaved pairs, "
+                f"range {ratios[0]:.2f}-{ratios[-1]:.2f}x)")
+
+
+def timed_pairs(ours, theirs, repeats: int) -> tuple[list[float], list[float]]:
+    """Wall times of `repeats` calls of each side, alternating ours and theirs, after one warm-up call of each.
+
+    Why interleaved: on a shared 2-core VM the speed of a whole call drifts by 10-20% from one call to the next
+    (measured on Zen 4), so timing one side after the other made the ratio move between runs (1.34-1.86x with the
+    best of 2 per side); the two calls of a pair see nearly the same machine, and the median pair ratio is steadier.
+    """
+    ours(), theirs()
+    ours_s, theirs_s = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+        for fn, times in ((ours, ours_s), (theirs, theirs_s)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return ours_s, theirs_s
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,8 +222,8 @@ def _closed_cell(text: str) -> str | None:
     return closed[-1] if closed else None
 
 
-def bench_tools(model, tokenizer, args) -> tuple[float, float, int, int]:
-    """tokens/s of (ours, transformers loop) and the model-written tokens each side produced."""
+def bench_tools(model, tokenizer, args) -> Timing:
+    """Timings of ours and the transformers loop, with the model-written tokens each side produced."""
     answers = tool_answers(args.patterns, args.seed, args.long_words)
     started = time.perf_counter()
     loss = fit_texts(model, tokenizer, [p + a for p, a in answers], steps=args.train_steps, seed=args.seed)
@@ -198,17 +235,18 @@ def bench_tools(model, tokenizer, args) -> tuple[float, float, int, int]:
     with Sandbox(workers=args.workers, timeout=10.0, memo_cells=0) as sandbox:   # both sides run every cell
         engine = RolloutEngine(model, tokenizer, sandbox)
         ours_rollouts, theirs = [], []
-        ours_s = timed(lambda: ours_rollouts.append(engine.generate(requests, config)), args.repeats)
-        theirs_s = timed(lambda: theirs.append(transformers_tool_loop(model, tokenizer, sandbox, prompts,
-                                                                        args.tool_new_tokens, args.max_tool_calls)),
-                         args.repeats)
+        ours_s, theirs_s = timed_pairs(
+            lambda: ours_rollouts.append(engine.generate(requests, config)),
+            lambda: theirs.append(transformers_tool_loop(model, tokenizer, sandbox, prompts, args.tool_new_tokens,
+                                                         args.max_tool_calls)),
+            args.repeats)
     rollouts = ours_rollouts[-1]
     ours_tokens, theirs_tokens = sum(r.sampled_tokens for r in rollouts), theirs[-1][1]
     cells = sum(len(r.executed_cells) for r in rollouts)
     same = sum(r.text == text for r, text in zip(rollouts, theirs[-1][0]))
     print(f"tool rollouts: {len(rollouts)} rows, {cells} cells executed by ours, "
           f"{same}/{len(rollouts)} texts identical on both sides")
-    return ours_tokens / ours_s, theirs_tokens / theirs_s, ours_tokens, theirs_tokens
+    return Timing(ours_s, theirs_s, ours_tokens, theirs_tokens)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,7 +260,8 @@ def parse_args(argv):
     plain.add_argument("--samples", type=int, default=8, help="samples G per prompt (rows = P*G)")
     plain.add_argument("--prompt-tokens", type=int, default=64, help="prompt length L")
     plain.add_argument("--new-tokens", type=int, default=256, help="new tokens N per row")
-    plain.add_argument("--repeats", type=int, default=2, help="timed calls per side, both parts (best is kept)")
+    plain.add_argument("--repeats", type=int, default=5,
+                       help="interleaved (ours, theirs) timed pairs, both parts (the median pair ratio is printed)")
     tools = parser.add_argument_group("tool-integrated rollouts (b)")
     tools.add_argument("--patterns", type=int, default=4, help="distinct tool-using answers (prompts) to train")
     tools.add_argument("--tool-samples", type=int, default=16, help="rows per pattern (rows = patterns * this)")
@@ -238,7 +277,10 @@ def parse_args(argv):
     runtime.add_argument("--threads", type=int, default=None,
                          help="torch CPU threads (default: torch's choice for (a); CPUs - workers for (b))")
     runtime.add_argument("--seed", type=int, default=0, help="random seed")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+    return args
 
 
 def main(argv: list[str]) -> int:
@@ -254,17 +296,20 @@ def main(argv: list[str]) -> int:
     print(f"tiny model: {params / 1e6:.2f} M parameters, {model.config.num_hidden_layers} layers, "
           f"hidden {model.config.hidden_size}; threads={torch.get_num_threads()}")
     if not args.skip_plain:
-        ours, theirs = bench_plain(model, tokenizer, args)
+        timing = bench_plain(model, tokenizer, args)
+        ours, theirs = timing.speeds
         print(f"plain decode: {args.prompts}x{args.samples} rows, prompt {args.prompt_tokens}, "
               f"{args.new_tokens} new tokens")
-        print(f"  ours {ours:9.0f} tok/s   model.generate {theirs:9.0f} tok/s")
-        print(f"plain decode ratio (ours / model.generate): {ours / theirs:.2f}x")
+        print(f"  ours {ours:9.0f} tok/s   model.generate {theirs:9.0f} tok/s   (fastest call of each)")
+        print(timing.ratio_line("plain decode ratio (ours / model.generate)"))
     if args.skip_tools:
         return 0
     if not args.threads:   # cells run on cores the forward pass leaves free, as with a GPU doing the forward
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - args.workers))
     print(f"tool rollouts: torch threads={torch.get_num_threads()}, sandbox workers={args.workers}")
-    ours, theirs, ours_tokens, theirs_tokens = bench_tools(model, tokenizer, args)
-    print(f"  ours {ours:9.0f} tok/s ({ours_tokens} tokens)   transformers loop {theirs:9.0f} tok/s ({theirs_tokens} tokens)")
-    print(f"tool-integrated ratio (ours / transformers loop): {ours / theirs:.2f}x")
+    timing = bench_tools(model, tokenizer, args)
+    ours, theirs = timing.speeds
+    print(f"  ours {ours:9.0f} tok/s ({timing.ours_tokens} tokens)   "
+          f"transformers loop {theirs:9.0f} tok/s ({timing.theirs_tokens} tokens)")
+    print(timing.ratio_line("tool-integrated ratio (ours / transformers loop)"))
     return 0
