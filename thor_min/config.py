@@ -97,8 +97,8 @@ PRESETS: dict[str, Preset] = {
     #   (measured on seed 0's ~390 samples: 40 epochs overfit, the cold start garbled the long sum-of-squares and
     #   sum-of-range code, 0% on both, and RL never recovered squares; 25 epochs: 10% and 90% at the cold start);
     # - RL: G = 8 x 8 prompts, lr 1e-4, L_suf 8 tokens (responses are ~50 tokens), 40 steps per variant (from this
-    #   base's ~75% cold start, steps past 40 added little: greedy eval on seed 0, Zen 4, 0.891 at step 40 and 50 for rl-traj,
-    #   0.906 and 0.922 for rl; 40 keeps a 2x slower 2-core machine well inside 15 minutes);
+    #   base's ~75% cold start, steps past 40 added little: greedy eval on seed 0, Zen 4, 0.891 at step 40 and 50
+    #   for rl-traj, 0.906 and 0.922 for rl; 40 keeps a 2x slower 2-core machine well inside 15 minutes);
     # - the two RL variants train side by side, and the eval rows run in two halves side by side, one process per
     #   core (thor_min.side_by_side: the same work as one after the other; RL 1.5x faster, measured);
     # - one torch thread in the sampling stages (TIRGen, RL, eval): a 64-row decode step of a 1 M-parameter model

@@ -46,8 +46,7 @@ def lean_decode_step(model, input_ids, position_ids, cache, bias) -> torch.Tenso
         query = query.view(rows, key.shape[1], attention.num_key_value_groups, attention.head_dim)
         out = decode_attention(query, key, value, bias, attention.scaling)         # [B, H_kv, G, D] = [B, heads, D]
         hidden = hidden + attention.o_proj(out.reshape(rows, 1, -1))
-        mlp, x = layer.mlp, layer.post_attention_layernorm(hidden)
-        hidden = hidden + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)).mul_(mlp.up_proj(x)))
+        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
     return model.lm_head(inner.norm(hidden))[:, -1]
 
 
@@ -77,7 +76,7 @@ def decode_attention(query, key, value, bias, scale: float) -> torch.Tensor:
 
 
 def decode_step_for(model):
-    """`lean_decode_step` for a model it reproduces exactly, else `hf_decode_step`."""
+    """`lean_decode_step` for a model it reproduces (up to float rounding), else `hf_decode_step`."""
     config = model.config
     inner = getattr(model, "model", None)
     lean = (config.model_type in LEAN_MODEL_TYPES and getattr(config, "_attn_implementation", None) == "sdpa"
